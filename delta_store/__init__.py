@@ -1,0 +1,1 @@
+"""deltaserve.delta_store."""
