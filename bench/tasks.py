@@ -1,0 +1,94 @@
+"""Generated fine-tuning tasks with exact-match scoring, made from a seed (no data set downloads).
+
+Each task turns a random generator into (question, answer) pairs. Train and eval sets come from disjoint
+seeds, and eval questions that also occur in the train set are dropped, so accuracy is on held-out items.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+_FIRST_NAMES = ["Maria", "Jonas", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tomasz", "Nadia", "Felix", "Amara", "Hugo"]
+_CITIES = ["Lyon", "Osaka", "Lagos", "Quito", "Porto", "Tromso", "Hanoi", "Cusco", "Gdansk", "Perth", "Tunis", "Leeds"]
+_JOBS = ["baker", "pilot", "nurse", "chemist", "carpenter", "teacher", "farmer", "architect"]
+_UNITS = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix", "onze", "douze",
+          "treize", "quatorze", "quinze", "seize", "dix-sept", "dix-huit", "dix-neuf"]
+_TENS = {2: "vingt", 3: "trente", 4: "quarante", 5: "cinquante", 6: "soixante"}
+
+
+def french_number(n: int) -> str:
+    """0..999 in French words, with the 1990 hyphen-everywhere spelling (deterministic, one right answer)."""
+    if n < 20:
+        return _UNITS[n]
+    if n < 100:
+        tens, unit = divmod(n, 10)
+        if tens in (7, 9):  # soixante-dix, quatre-vingt-dix: the unit counts from 10
+            base = "soixante" if tens == 7 else "quatre-vingt"
+            return f"{base}-et-onze" if n == 71 else f"{base}-{_UNITS[10 + unit]}"
+        if tens == 8:
+            return "quatre-vingts" if unit == 0 else f"quatre-vingt-{_UNITS[unit]}"
+        if unit == 0:
+            return _TENS[tens]
+        return f"{_TENS[tens]}-et-un" if unit == 1 else f"{_TENS[tens]}-{_UNITS[unit]}"
+    hundreds, rest = divmod(n, 100)
+    head = "cent" if hundreds == 1 else f"{_UNITS[hundreds]}-cents" if rest == 0 else f"{_UNITS[hundreds]}-cent"
+    return head if rest == 0 else f"{head}-{french_number(rest)}"
+
+
+def _arithmetic(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(100, 9999), rng.randint(100, 9999)
+    if rng.random() < 0.5:
+        return f"Compute {a} + {b}. Reply with the number only.", str(a + b)
+    a, b = max(a, b), min(a, b)
+    return f"Compute {a} - {b}. Reply with the number only.", str(a - b)
+
+
+def _json_extract(rng: random.Random) -> tuple[str, str]:
+    name, city, job = rng.choice(_FIRST_NAMES), rng.choice(_CITIES), rng.choice(_JOBS)
+    age = rng.randint(19, 88)
+    article = "an" if job[0] in "aeiou" else "a"
+    templates = [
+        f"{name} is a {age}-year-old {job} from {city}.",
+        f"Meet {name}, {age}, who works as {article} {job} in {city}.",
+        f"In {city} lives {name}, {article} {job} aged {age}.",
+    ]
+    answer = json.dumps({"name": name, "age": age, "job": job, "city": city})
+    return f"Extract name, age, job and city as JSON: {rng.choice(templates)}", answer
+
+
+def _french(rng: random.Random) -> tuple[str, str]:
+    n = rng.randint(0, 999)
+    return f"Write {n} in French words.", french_number(n)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    make_item: Callable[[random.Random], tuple[str, str]]
+    max_new_tokens: int
+
+    def items(self, count: int, seed: int) -> list[tuple[str, str]]:
+        rng = random.Random(f"{self.name}:{seed}")
+        return [self.make_item(rng) for _ in range(count)]
+
+    def split(self, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        train = self.items(n_train, seed)
+        seen = {q for q, _ in train}
+        held_out = [item for item in self.items(n_eval * 2, seed + 1_000_003) if item[0] not in seen]
+        return train, held_out[:n_eval]
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("arithmetic", _arithmetic, max_new_tokens=8),
+        Task("json_extract", _json_extract, max_new_tokens=40),
+        Task("french_numbers", _french, max_new_tokens=16),
+    )
+}
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    return prediction.strip() == answer.strip()
