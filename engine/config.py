@@ -1,0 +1,78 @@
+"""Configuration of the engine and of one request's sampling, validated when made."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """One engine: a backbone, its delta slots and its KV cache."""
+
+    model: str                          # HF folder or .gguf file (see delta_store.checkpoint.open_checkpoint)
+    device: str = "cpu"
+    dtype: str = "float32"              # backbone and activations; deltas keep their stored precision
+    max_slots: int = 8                  # tenants resident at once (global slots 0..max_slots-1; -1 = base)
+    slot_bits_per_param: float = 1.0    # capacity of one slot, in bits per backbone weight-matrix parameter
+    block_size: int = 16                # tokens per KV block
+    num_kv_blocks: int | None = None    # None: as many as fit in free memory (device) or 1 GiB (CPU)
+    max_num_seqs: int = 64              # rows of one decode step
+    max_num_batched_tokens: int = 2048  # tokens of one step (prefill chunks + decodes)
+    max_model_len: int = 2048           # prompt + completion
+    seed: int = 0                       # seeds requests that bring no seed of their own
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        positive = ("max_slots", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.slot_bits_per_param <= 0:
+            raise ValueError(f"slot_bits_per_param must be > 0, got {self.slot_bits_per_param}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1 or None, got {self.num_kv_blocks}")
+        try:
+            torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from exc
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick the tokens of one request (the OpenAI parameters the server passes through)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 = off
+    seed: int | None = None             # same seed, prompt and tenant -> same tokens
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None         # None: no logprobs; n: the chosen token's and the top n alternatives'
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
