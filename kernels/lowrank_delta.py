@@ -1,0 +1,51 @@
+"""add_lowrank_delta: the engine's entry point for quantized low-rank (Delta-CoMe) deltas.
+
+Two launches, shrink then expand, with z fp32 [B, sum of ranks] between them: expand needs every rank of
+a row before it can finish any output element, and a fused kernel would either recompute z per output
+tile (re-reading V d_out / BLOCK_N times) or need a grid-wide barrier. bench/kernels.py times the two
+launches separately to show what the split costs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .lowrank_expand import expand_reference, expand_triton
+from .lowrank_plan import plan_for
+from .lowrank_shrink import shrink_reference, shrink_triton
+from .slot_metadata import SlotMetadata
+from .slots import LowRankProjection, check_lowrank_call
+
+
+def add_lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
+                             projections: list[LowRankProjection], group_size: int) -> None:
+    """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    check_lowrank_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections, group_size)
+    if not projections:
+        return
+    plan = plan_for(projections)
+    expand_triton(y, shrink_triton(x, meta, plan, group_size), meta, plan, group_size)
+
+
+def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
+                                projections: list[LowRankProjection], group_size: int) -> None:
+    check_lowrank_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections, group_size)
+    expand_reference(y, shrink_reference(x, meta, projections, group_size), meta, projections, group_size)
+
+
+def add_lowrank_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[LowRankProjection],
+                      group_size: int) -> None:
+    """y [B, D_out_total] += per row, per projection p: sum over tiers of x @ v^T diag(s) u at the row's slot.
+
+    Equivalent loop:
+        for row, slot in enumerate(row_slots):
+            if slot >= 0:
+                for p in projections:
+                    y[row, p.out_offset : p.out_offset + p.d_out] += sum(
+                        (x[row] @ v_t[slot].T * s_t[slot]) @ u_t[slot] for t in p.tiers)   # fp32, one rounding
+    x [B, d_in] and y share a dtype (fp16, bf16, fp32). CUDA tensors run the Triton kernels, others the
+    PyTorch reference.
+    """
+    if x.is_cuda:
+        add_lowrank_delta_triton(y, x, meta, projections, group_size)
+    else:
+        add_lowrank_delta_reference(y, x, meta, projections, group_size)

@@ -1,0 +1,106 @@
+"""Expand: y[:, off : off + d_out] += z @ U summed over a projection's tiers, in place, for every row's slot.
+
+Grid: (row tile of one slot's segment, block of output columns, projection). A program walks all tiers
+of its projection and their ranks, unpacking U's bit planes in registers, and adds its fp32 sum to y
+once. An N tile never spans two scale groups, so each rank's group scale folds into z's column (fp32,
+tf32 on the tensor cores) and the centred codes stay exact.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.delta_store.packing import dequantize
+
+from .bitplanes import unpack_tile
+from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
+                           T_RANK_CAP, T_RANKS, T_U_PLANES, T_U_SCALES, T_Z_COL, TIER_COLS, LowRankPlan,
+                           z_columns)
+from .slot_metadata import SlotMetadata
+from .slots import LowRankProjection
+from .tuning import block_m_for, expand_configs, prune_to_group
+
+
+@triton.autotune(configs=expand_configs(), key=["max_d_out", "BLOCK_M"], restore_value=["y_ptr"],
+                 prune_configs_by={"early_config_prune": prune_to_group("BLOCK_N")})
+@triton.jit
+def _expand_kernel(
+    y_ptr, z_ptr, tiers_ptr, projs_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
+    group_size, max_d_out, stride_ym, stride_zm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m, pid_n, proj = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pdesc = projs_ptr + proj * PROJ_COLS
+    d_out = tl.load(pdesc + P_D_OUT).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    if n0 >= d_out:  # the grid covers the widest projection
+        return
+    seg = tl.load(blk_seg_ptr + pid_m)
+    slot = tl.load(seg_slots_ptr + seg)
+    slot64 = slot.to(tl.int64)
+    offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
+    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_words = tl.cdiv(d_out, 32)
+    n_groups = tl.cdiv(d_out, group_size)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tier in range(tl.load(pdesc + P_TIER_BEGIN).to(tl.int32), tl.load(pdesc + P_TIER_END).to(tl.int32)):
+        desc = tiers_ptr + tier * TIER_COLS
+        rank = tl.load(tl.load(desc + T_RANKS).to(tl.pointer_type(tl.int32)) + slot)
+        nbits = tl.load(tl.load(desc + T_BITS).to(tl.pointer_type(tl.int32)) + slot)
+        rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
+        bits_cap = tl.load(desc + T_BITS_CAP).to(tl.int32)
+        z_col = tl.load(desc + T_Z_COL).to(tl.int32)
+        planes = tl.load(desc + T_U_PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
+        scales = tl.load(desc + T_U_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
+        centre = ((1 << nbits) - 1).to(tl.float32) * 0.5
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < rank
+            zt = tl.load(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :],
+                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [M, R] fp32
+            scale = tl.load(scales + offs_r * n_groups + n0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
+            codes = unpack_tile(planes, rank_cap * n_words, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
+                                BLOCK_R, BLOCK_N)  # [R, N]
+            acc += tl.dot(zt * scale[None, :], codes.to(tl.float32) - centre)
+    out = y_ptr + rows[:, None] * stride_ym + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
+    mask = m_mask[:, None] & (offs_n < d_out)[None, :]
+    y = tl.load(out, mask=mask)
+    tl.store(out, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+
+
+def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> None:
+    """y [B, D_out_total] += expand(z fp32 [B, plan.z_width]) in place; rows of slot -1 untouched."""
+    if not meta.seg_lens_host or plan.max_d_out == 0:
+        return
+    block_m = block_m_for(meta.max_seg_len)
+    blk_seg, blk_start = meta.blocks(block_m)
+    grid = lambda cfg: (blk_seg.shape[0], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]), plan.projections.shape[0])
+    _expand_kernel[grid](
+        y, z, plan.tiers, plan.projections,
+        meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
+        group_size, plan.max_d_out, y.stride(0), z.stride(0),
+        BLOCK_M=block_m,
+    )
+
+
+def expand_reference(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, projections: list[LowRankProjection],
+                     group_size: int) -> None:
+    """PyTorch expand with expand_triton's semantics: one fp32 sum per projection, one rounding into y."""
+    cols, _ = z_columns(projections)
+    for slot, start, n in zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host):
+        rows = meta.sorted_rows[start:start + n].long()
+        for p, p_cols in zip(projections, cols):
+            acc = torch.zeros(n, p.d_out, dtype=torch.float32, device=y.device)
+            for t, col in zip(p.tiers, p_cols):
+                r, b = int(t.ranks[slot]), int(t.bits[slot])
+                if r == 0:
+                    continue
+                u = dequantize(t.u_planes[slot, :b, :r], t.u_scales[slot, :r], p.d_out, group_size)
+                acc += z[rows, col:col + r] @ u
+            out = y[rows, p.out_offset:p.out_offset + p.d_out]
+            y[rows, p.out_offset:p.out_offset + p.d_out] = (out.float() + acc).to(y.dtype)

@@ -1,0 +1,74 @@
+"""Launch plan of a low-rank delta call: where each tier's buffers live and where its rank columns sit in z.
+
+One shrink launch covers every tier of every stacked projection, so the kernels find a tier's buffers
+through a small int64 table of addresses and sizes (the way vLLM's LoRA kernels pass per-slice pointers)
+instead of one launch per tensor. z, the rank-r intermediate, is fp32 [B, sum of rank_cap over tiers].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from .slots import LowRankProjection
+from .tables import device_table
+
+# Columns of a tier descriptor (int64 each).
+T_V_PLANES = tl.constexpr(0)
+T_V_SCALES = tl.constexpr(1)
+T_U_PLANES = tl.constexpr(2)
+T_U_SCALES = tl.constexpr(3)
+T_S = tl.constexpr(4)
+T_RANKS = tl.constexpr(5)
+T_BITS = tl.constexpr(6)
+T_RANK_CAP = tl.constexpr(7)
+T_BITS_CAP = tl.constexpr(8)
+T_Z_COL = tl.constexpr(9)
+TIER_COLS = tl.constexpr(10)
+# Columns of a projection descriptor: its tiers are rows [begin, end) of the tier table.
+P_TIER_BEGIN = tl.constexpr(0)
+P_TIER_END = tl.constexpr(1)
+P_OUT_OFFSET = tl.constexpr(2)
+P_D_OUT = tl.constexpr(3)
+PROJ_COLS = tl.constexpr(4)
+
+
+def z_columns(projections: list[LowRankProjection]) -> tuple[list[list[int]], int]:
+    """First z column of each tier (per projection) and z's width; tier t of a projection owns rank_cap columns."""
+    cols, width = [], 0
+    for p in projections:
+        cols.append([])
+        for t in p.tiers:
+            cols[-1].append(width)
+            width += t.rank_cap
+    return cols, width
+
+
+@dataclass(frozen=True)
+class LowRankPlan:
+    tiers: torch.Tensor  # int64 [T, TIER_COLS], T = tiers of all projections, in order
+    projections: torch.Tensor  # int64 [P, PROJ_COLS]
+    z_width: int
+    max_rank_cap: int
+    max_d_out: int
+
+
+def plan_for(projections: list[LowRankProjection]) -> LowRankPlan:
+    cols, z_width = z_columns(projections)
+    tier_rows, proj_rows = [], []
+    for p, p_cols in zip(projections, cols):
+        begin = len(tier_rows)
+        for t, z_col in zip(p.tiers, p_cols):
+            tier_rows.append((t.v_planes.data_ptr(), t.v_scales.data_ptr(), t.u_planes.data_ptr(),
+                              t.u_scales.data_ptr(), t.s.data_ptr(), t.ranks.data_ptr(), t.bits.data_ptr(),
+                              t.rank_cap, t.bits_cap, z_col))
+        proj_rows.append((begin, len(tier_rows), p.out_offset, p.d_out))
+    device = next((p.tiers[0].device for p in projections if p.tiers), torch.device("cpu"))
+    return LowRankPlan(
+        tiers=device_table(tier_rows, TIER_COLS.value, device),
+        projections=device_table(proj_rows, PROJ_COLS.value, device),
+        z_width=z_width,
+        max_rank_cap=max((t.rank_cap for p in projections for t in p.tiers), default=0),
+        max_d_out=max((p.d_out for p in projections), default=0),
+    )

@@ -1,0 +1,107 @@
+"""BitDelta: y[:, off : off + d_out] += scale[slot] * x @ sign[slot]^T, batched over slots and projections.
+
+Grid: (row tile of one slot's segment, block of output rows of the sign matrix, projection). The 1-bit
+signs unpack in registers to +-1 (exact in fp16/bf16) and go through tl.dot with the x tile; the per-slot
+scale is applied once to the fp32 sum.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.delta_store.packing import unpack_bitplanes
+
+from .bitplanes import unpack_tile
+from .slot_metadata import SlotMetadata
+from .slots import SignProjection, check_sign_call
+from .tables import device_table
+from .tuning import block_m_for, dot_dtype, sign_configs
+
+# Columns of a projection descriptor (int64 each).
+S_SIGNS = tl.constexpr(0)
+S_SCALES = tl.constexpr(1)
+S_OUT_OFFSET = tl.constexpr(2)
+S_D_OUT = tl.constexpr(3)
+SIGN_COLS = tl.constexpr(4)
+
+
+@triton.autotune(configs=sign_configs(), key=["d_in", "max_d_out", "BLOCK_M"], restore_value=["y_ptr"])
+@triton.jit
+def _sign_kernel(
+    y_ptr, x_ptr, projs_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
+    d_in, max_d_out, stride_ym, stride_xm,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, proj = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    desc = projs_ptr + proj * SIGN_COLS
+    d_out = tl.load(desc + S_D_OUT).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    if n0 >= d_out:  # the grid covers the widest projection
+        return
+    seg = tl.load(blk_seg_ptr + pid_m)
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
+    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < d_out
+    n_words = tl.cdiv(d_in, 32)
+    signs = tl.load(desc + S_SIGNS).to(tl.pointer_type(tl.int32)) + slot * d_out * n_words
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
+                     mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
+        bit = unpack_tile(signs, 0, n_words, offs_n, n_mask, k0 // 32, n_words, 1, BLOCK_N, BLOCK_K)  # [N, K]
+        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans((2 * bit - 1).to(DOT_DTYPE)))
+    scale = tl.load(tl.load(desc + S_SCALES).to(tl.pointer_type(tl.float32)) + slot)
+    out = y_ptr + rows[:, None] * stride_ym + (tl.load(desc + S_OUT_OFFSET) + offs_n)[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(out, mask=mask)
+    tl.store(out, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=mask)
+
+
+def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
+                          projections: list[SignProjection]) -> None:
+    """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+    check_sign_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections)
+    if not projections or not meta.seg_lens_host:
+        return
+    table = device_table([(p.signs.data_ptr(), p.scales.data_ptr(), p.out_offset, p.d_out) for p in projections],
+                         SIGN_COLS.value, x.device)
+    max_d_out = max(p.d_out for p in projections)
+    block_m = block_m_for(meta.max_seg_len)
+    blk_seg, blk_start = meta.blocks(block_m)
+    grid = lambda cfg: (blk_seg.shape[0], triton.cdiv(max_d_out, cfg["BLOCK_N"]), len(projections))
+    _sign_kernel[grid](
+        y, x, table,
+        meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
+        x.shape[1], max_d_out, y.stride(0), x.stride(0),
+        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
+    )
+
+
+def add_sign_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
+                             projections: list[SignProjection]) -> None:
+    check_sign_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections)
+    d_in = x.shape[1]
+    for slot, start, n in zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host):
+        rows = meta.sorted_rows[start:start + n].long()
+        for p in projections:
+            sign = unpack_bitplanes(p.signs[slot].unsqueeze(0), d_in).float() * 2 - 1  # [d_out, d_in]
+            out = y[rows, p.out_offset:p.out_offset + p.d_out]
+            delta = (x[rows].float() @ sign.T) * p.scales[slot]
+            y[rows, p.out_offset:p.out_offset + p.d_out] = (out.float() + delta).to(y.dtype)
+
+
+def add_sign_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[SignProjection]) -> None:
+    """y [B, D_out_total] += per row with slot k >= 0, per projection p:
+        y[row, p.out_offset : p.out_offset + p.d_out] += p.scales[k] * x[row] @ (2 * bits(p.signs[k]) - 1).T
+    in fp32 with one rounding. CUDA tensors run the Triton kernel, others the PyTorch reference."""
+    if x.is_cuda:
+        add_sign_delta_triton(y, x, meta, projections)
+    else:
+        add_sign_delta_reference(y, x, meta, projections)
