@@ -1,1 +1,5 @@
-"""deltaserve.delta_store."""
+"""deltaserve.delta_store: the delta file format, compression methods, tenant registry and memory tiers."""
+
+from .format import DeltaFile, DeltaFormatError, load_delta
+
+__all__ = ["DeltaFile", "DeltaFormatError", "load_delta"]
