@@ -1,0 +1,39 @@
+"""Turn API inputs into token ids: chat messages through the model's chat template, completion prompts
+as text or as token ids (OpenAI accepts a string, a list of strings, a token list or a list of them)."""
+from __future__ import annotations
+
+from .errors import bad_request
+from .schemas import ChatMessage
+
+
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise bad_request("This model has no chat template; use /v1/completions.", param="messages")
+    # "developer" is OpenAI's newer name for "system"; open chat templates know only "system".
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    # Render to text, then tokenize without adding specials: the template already wrote BOS where it wants one.
+    text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def completion_prompt_ids(tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif all(isinstance(item, int) for item in prompt):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    ids = []
+    vocab = len(tokenizer)
+    for i, item in enumerate(prompts):
+        if isinstance(item, str):
+            ids.append(tokenizer(item)["input_ids"])
+            continue
+        if not item:
+            raise bad_request(f"prompt[{i}] is an empty token list.", param="prompt")
+        bad = [t for t in item if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"prompt[{i}] holds token id {bad[0]} outside the vocabulary [0, {vocab}).",
+                              param="prompt")
+        ids.append(list(item))
+    return ids
