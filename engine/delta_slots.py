@@ -1,0 +1,191 @@
+"""Every resident tenant's delta for one backbone weight, in slot-stacked device buffers, by kind.
+
+Kinds and how they are applied:
+- packed: quantized low-rank tiers (deltacome), `PackedTierSlots` per tier -> kernels.add_lowrank_delta
+- sign: BitDelta sign bits + one scale -> kernels.add_sign_delta
+- lowrank16: fp16 low-rank factors (svd), all tiers concatenated along the rank -> torch per slot
+- dense: full deltas in the backbone dtype (the dense method, every 1-D tensor) -> torch per slot
+Buffers are `[S, ...]` with S = max_slots, allocated the first time a delta of that kind arrives for this
+weight and grown (rank, bits, tiers) when a later delta needs more; a slot without a delta of a kind has
+rank 0 / zeros there, so the kernels add nothing for it.
+"""
+from __future__ import annotations
+
+import torch
+
+from deltaserve.delta_store.format import DenseDelta, FloatTier, LowRankDelta, QuantTier, SignDelta, WeightDelta
+from deltaserve.delta_store.packing import mid_level, num_groups, num_words
+from deltaserve.kernels.slots import PackedTierSlots
+
+
+def _grown(old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of `shape` holding `old` in its leading corner (old may be None or already big enough)."""
+    if old is not None and tuple(old.shape) == shape:
+        return old
+    new = torch.zeros(shape, dtype=dtype, device=device)
+    if old is not None:
+        new[tuple(slice(0, n) for n in old.shape)] = old
+    return new
+
+
+class WeightSlots:
+    def __init__(self, name: str, shape: tuple[int, ...], num_slots: int, device: torch.device, dtype: torch.dtype):
+        self.name, self.shape, self.num_slots = name, tuple(shape), num_slots
+        self.device, self.dtype = device, dtype
+        self.group_size = 0                             # of the packed tiers; one per weight (checked by the bank)
+        self.packed: list[PackedTierSlots] = []
+        self.sign_bits: torch.Tensor | None = None      # int32 [S, d_out, ceil(d_in/32)]
+        self.sign_scales: torch.Tensor | None = None    # fp32 [S]
+        self.lr_u: torch.Tensor | None = None           # fp16 [S, rank_cap, d_out]
+        self.lr_v: torch.Tensor | None = None           # fp16 [S, rank_cap, d_in]
+        self.lr_s: torch.Tensor | None = None           # fp32 [S, rank_cap]; 0 past a slot's rank
+        self.lr_rank = [0] * num_slots
+        self.dense: torch.Tensor | None = None          # backbone dtype [S, *shape]
+        self.kinds: list[set[str]] = [set() for _ in range(num_slots)]
+
+    # ---- writing -------------------------------------------------------------------------------------
+    def write(self, slot: int, delta: WeightDelta, group_size: int) -> None:
+        self.clear(slot)
+        if isinstance(delta, DenseDelta):
+            self.dense = _grown(self.dense, (self.num_slots, *self.shape), self.dtype, self.device)
+            self.dense[slot] = delta.delta.to(self.device, self.dtype)
+            self.kinds[slot].add("dense")
+        elif isinstance(delta, SignDelta):
+            d_out, d_in = self.shape
+            self.sign_bits = _grown(self.sign_bits, (self.num_slots, d_out, num_words(d_in)), torch.int32, self.device)
+            self.sign_scales = _grown(self.sign_scales, (self.num_slots,), torch.float32, self.device)
+            self.sign_bits[slot] = delta.signs.to(self.device)
+            self.sign_scales[slot] = delta.scale.to(self.device).reshape(())
+            self.kinds[slot].add("sign")
+        elif isinstance(delta, LowRankDelta):
+            quant = [t for t in delta.tiers if isinstance(t, QuantTier)]
+            floats = [t for t in delta.tiers if isinstance(t, FloatTier)]
+            if quant:
+                self._write_packed(slot, quant, group_size)
+            if floats:
+                self._write_lowrank16(slot, floats)
+        else:
+            raise TypeError(f"{self.name}: unknown delta type {type(delta).__name__}")
+
+    def _write_packed(self, slot: int, tiers: list[QuantTier], group_size: int) -> None:
+        d_out, d_in = self.shape
+        self.group_size = group_size
+        for t, q in enumerate(tiers):
+            old = self.packed[t] if t < len(self.packed) else None
+            bits_cap = max(q.bits, old.bits_cap if old else 1)
+            rank_cap = max(q.rank, old.rank_cap if old else 0)
+            S = self.num_slots
+
+            def grow(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+                return _grown(getattr(old, name) if old else None, shape, dtype, self.device)
+
+            tier = PackedTierSlots(
+                v_planes=grow("v_planes", (S, bits_cap, rank_cap, num_words(d_in)), torch.int32),
+                v_scales=grow("v_scales", (S, rank_cap, num_groups(d_in, group_size)), torch.float16),
+                u_planes=grow("u_planes", (S, bits_cap, rank_cap, num_words(d_out)), torch.int32),
+                u_scales=grow("u_scales", (S, rank_cap, num_groups(d_out, group_size)), torch.float16),
+                s=grow("s", (S, rank_cap), torch.float32), ranks=grow("ranks", (S,), torch.int32),
+                bits=grow("bits", (S,), torch.int32))
+            tier.v_planes[slot, : q.bits, : q.rank] = q.v_planes.to(self.device)
+            tier.v_scales[slot, : q.rank] = q.v_scales.to(self.device)
+            tier.u_planes[slot, : q.bits, : q.rank] = q.u_planes.to(self.device)
+            tier.u_scales[slot, : q.rank] = q.u_scales.to(self.device)
+            tier.s[slot, : q.rank] = q.s.to(self.device)
+            tier.ranks[slot], tier.bits[slot] = q.rank, q.bits
+            tier.check_values()
+            if old is None:
+                self.packed.append(tier)
+            else:
+                self.packed[t] = tier
+        self.kinds[slot].add("packed")
+
+    def _write_lowrank16(self, slot: int, tiers: list[FloatTier]) -> None:
+        d_out, d_in = self.shape
+        u = torch.cat([t.u for t in tiers])
+        v = torch.cat([t.v for t in tiers])
+        s = torch.cat([t.s for t in tiers])
+        rank = u.shape[0]
+        rank_cap = max(rank, self.lr_u.shape[1] if self.lr_u is not None else 0)
+        S = self.num_slots
+        self.lr_u = _grown(self.lr_u, (S, rank_cap, d_out), torch.float16, self.device)
+        self.lr_v = _grown(self.lr_v, (S, rank_cap, d_in), torch.float16, self.device)
+        self.lr_s = _grown(self.lr_s, (S, rank_cap), torch.float32, self.device)
+        self.lr_u[slot, :rank], self.lr_v[slot, :rank], self.lr_s[slot, :rank] = u, v, s
+        self.lr_rank[slot] = rank
+        self.kinds[slot].add("lowrank16")
+
+    def clear(self, slot: int) -> None:
+        """Zero the slot everywhere, so a stale delta can never leak into the next tenant's rows."""
+        for tier in self.packed:
+            tier.ranks[slot] = 0
+            tier.s[slot] = 0
+        for t in (self.sign_scales, self.lr_s, self.dense):
+            if t is not None:
+                t[slot] = 0
+        self.lr_rank[slot] = 0
+        self.kinds[slot].clear()
+
+    def nbytes(self) -> int:
+        tensors = [self.sign_bits, self.sign_scales, self.lr_u, self.lr_v, self.lr_s, self.dense]
+        tensors += [getattr(t, f) for t in self.packed for f in ("v_planes", "v_scales", "u_planes", "u_scales", "s")]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ---- applying (torch kinds; packed and sign go through the kernels, see layers.DeltaLinear) ----------
+    def add_linear(self, y: torch.Tensor, x: torch.Tensor, slot: int, rows: torch.Tensor, offset: int) -> None:
+        """y[rows, offset:offset+d_out] += x[rows] @ delta^T for the torch kinds of this slot."""
+        kinds = self.kinds[slot]
+        if not kinds & {"lowrank16", "dense"}:
+            return
+        d_out = self.shape[0]
+        xs = x[rows].float()
+        out = torch.zeros(xs.shape[0], d_out, dtype=torch.float32, device=x.device)
+        if "lowrank16" in kinds:
+            r = self.lr_rank[slot]
+            # Rank-r intermediate kept in fp32 (Punica lost accuracy by rounding it to half precision).
+            z = (xs @ self.lr_v[slot, :r].float().T) * self.lr_s[slot, :r]
+            out += z @ self.lr_u[slot, :r].float()
+        if "dense" in kinds:
+            out += xs @ self.dense[slot].float().T
+        y[rows, offset : offset + d_out] += out.to(y.dtype)
+
+    def vector(self, slot: int) -> torch.Tensor | None:
+        """The 1-D delta of this slot (norm weight or bias), or None."""
+        return self.dense[slot] if "dense" in self.kinds[slot] else None
+
+    def embedding_rows(self, slot: int, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """delta[token_ids] [n, d_in] of an embedding matrix [vocab, hidden] in fp32, or None if no delta."""
+        kinds = self.kinds[slot]
+        if not kinds:
+            return None
+        out = torch.zeros(token_ids.shape[0], self.shape[1], dtype=torch.float32, device=self.device)
+        if "dense" in kinds:
+            out += self.dense[slot, token_ids].float()
+        if "sign" in kinds:
+            words = self.sign_bits[slot, token_ids]                                # [n, W]
+            bits = (words.unsqueeze(-1) >> torch.arange(32, device=self.device)) & 1  # [n, W, 32]
+            signs = bits.reshape(words.shape[0], -1)[:, : self.shape[1]].float() * 2 - 1
+            out += self.sign_scales[slot] * signs
+        if "lowrank16" in kinds:
+            r = self.lr_rank[slot]
+            out += (self.lr_u[slot, :r, token_ids].float().T * self.lr_s[slot, :r]) @ self.lr_v[slot, :r].float()
+        for tier in self.packed:
+            r, b = int(tier.ranks[slot]), int(tier.bits[slot])
+            if r:
+                u = _packed_columns(tier.u_planes[slot, :b, :r], tier.u_scales[slot, :r], token_ids, self.group_size)
+                v = _packed_columns(tier.v_planes[slot, :b, :r], tier.v_scales[slot, :r],
+                                    torch.arange(self.shape[1], device=self.device), self.group_size)
+                out += (u.T * tier.s[slot, :r]) @ v
+        return out
+
+
+def _packed_columns(planes: torch.Tensor, scales: torch.Tensor, cols: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dequantized columns `cols` of a bit-plane factor (planes int32 [b, r, W], scales fp16 [r, G]) -> fp32 [r, n].
+
+    Reads only the words holding those columns, so an embedding lookup never unpacks the whole vocabulary.
+    """
+    bits = planes.shape[0]
+    words = planes[:, :, cols // 32]                                     # [b, r, n]
+    codes = torch.zeros(words.shape[1:], dtype=torch.int32, device=planes.device)
+    for p in range(bits):
+        codes |= ((words[p] >> (cols % 32)) & 1) << p
+    return (codes.float() - mid_level(bits)) * scales[:, cols // group_size].float()

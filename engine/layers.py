@@ -1,0 +1,95 @@
+"""Backbone layers that add each row's tenant delta: linear (fused parts), RMSNorm, embedding."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deltaserve.engine.delta_slots import WeightSlots
+from deltaserve.engine.slot_bank import DeltaRows
+from deltaserve.kernels import LowRankProjection, SignProjection, add_lowrank_delta, add_sign_delta
+
+
+def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype), requires_grad=False)
+
+
+class DeltaLinear(torch.nn.Module):
+    """y = x W^T (+ b) + delta(x, slot of row), W the row-stack of `parts` (q|k|v, gate|up, or one weight).
+
+    Equivalent loop: for each row i with slot k >= 0 and each part p at offset o:
+        y[i, o : o + d_out_p] += x[i] @ delta_k(p)^T (+ bias delta_k(p))
+    """
+
+    def __init__(self, d_in: int, parts: list[WeightSlots], biases: list[WeightSlots] | None,
+                 device: torch.device, dtype: torch.dtype, weight: torch.nn.Parameter | None = None):
+        super().__init__()
+        offsets = [0]
+        for p in parts:
+            offsets.append(offsets[-1] + p.shape[0])
+        self.parts = list(zip(parts, offsets))
+        self.biases = list(zip(biases, offsets)) if biases else []
+        self.weight = weight if weight is not None else _empty((offsets[-1], d_in), device, dtype)
+        self.bias = _empty((offsets[-1],), device, dtype) if biases else None
+
+    def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if rows is None:
+            return y
+        if rows.packed is not None:
+            projections = [LowRankProjection(off, w.shape[0], w.packed) for w, off in self.parts if w.packed]
+            if projections:
+                group_size = next(w.group_size for w, _ in self.parts if w.packed)
+                add_lowrank_delta(y, x, rows.packed, projections, group_size)
+        if rows.sign is not None:
+            projections = [SignProjection(off, w.sign_bits, w.sign_scales)
+                           for w, off in self.parts if w.sign_bits is not None]
+            if projections:
+                add_sign_delta(y, x, rows.sign, projections)
+        for slot, idx in rows.groups:
+            for w, off in self.parts:
+                w.add_linear(y, x, slot, idx, off)
+            for b, off in self.biases:
+                db = b.vector(slot)
+                if db is not None:
+                    y[idx, off : off + b.shape[0]] += db
+        return y
+
+
+class DeltaRMSNorm(torch.nn.Module):
+    """RMSNorm whose weight is w + delta_w[slot] per row (computed as the merged weight, so it is exact)."""
+
+    def __init__(self, slots: WeightSlots, eps: float, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.slots = slots
+        self.eps = eps
+        self.weight = _empty(slots.shape, device, dtype)
+
+    def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        weight = self.weight
+        if rows is not None:
+            deltas = [(idx, self.slots.vector(slot)) for slot, idx in rows.groups]
+            if any(d is not None for _, d in deltas):
+                weight = self.weight.expand_as(x).clone()
+                for idx, d in deltas:
+                    if d is not None:
+                        weight[idx] = self.weight + d
+        return weight * x
+
+
+class DeltaEmbedding(torch.nn.Module):
+    def __init__(self, slots: WeightSlots, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.slots = slots
+        self.weight = _empty(slots.shape, device, dtype)
+
+    def forward(self, token_ids: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
+        out = F.embedding(token_ids, self.weight)
+        if rows is not None:
+            for slot, idx in rows.groups:
+                d = self.slots.embedding_rows(slot, token_ids[idx])
+                if d is not None:
+                    out[idx] = (out[idx].float() + d).to(out.dtype)
+        return out

@@ -1,0 +1,74 @@
+"""The only part that touches the device: weights, KV cache, delta slots, and one forward pass per step."""
+from __future__ import annotations
+
+import torch
+
+from deltaserve.delta_store.checkpoint import Checkpoint
+from deltaserve.engine.attention import AttentionMetadata
+from deltaserve.engine.config import EngineConfig
+from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
+from deltaserve.engine.scheduler import ScheduledBatch
+from deltaserve.engine.sequence import Sequence
+from deltaserve.engine.slot_bank import SlotBank
+
+_CPU_KV_BYTES = 1 << 30             # KV cache on CPU when num_kv_blocks is not given
+_DEVICE_HEADROOM = 0.10             # fraction of device memory left for activations, logits and the allocator
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, checkpoint: Checkpoint):
+        hf = checkpoint.config
+        check_supported(hf, config.max_model_len)
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        self.bank = SlotBank(checkpoint.shapes(), config.max_slots, config.slot_bits_per_param, self.device,
+                             self.dtype)
+        self.model = LlamaModel(hf, self.bank, config.max_model_len, self.device, self.dtype)
+        self.model.load_weights(checkpoint)
+        self.backbone_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        kv_heads, head_dim = hf.num_key_value_heads, head_dim_of(hf)
+        # K and V of one block in every layer.
+        self.block_bytes = 2 * hf.num_hidden_layers * config.block_size * kv_heads * head_dim * self.dtype.itemsize
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
+        tokens = self.num_blocks * config.block_size
+        self.kv_caches = [
+            (torch.zeros(tokens, kv_heads, head_dim, device=self.device, dtype=self.dtype),
+             torch.zeros(tokens, kv_heads, head_dim, device=self.device, dtype=self.dtype))
+            for _ in range(hf.num_hidden_layers)]
+        self.kv_cache_bytes = self.num_blocks * self.block_bytes
+
+    def _blocks_from_memory(self) -> int:
+        """Blocks that fit after the backbone and every delta slot filled to capacity (reserved now)."""
+        if self.device.type != "cuda":
+            return max(1, _CPU_KV_BYTES // self.block_bytes)
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved_slots = self.config.max_slots * self.bank.capacity_bytes
+        usable = free - reserved_slots - _DEVICE_HEADROOM * total
+        if usable < self.block_bytes:
+            raise ValueError(f"no device memory left for the KV cache: {free / 2**30:.1f} GiB free, delta slots "
+                             f"reserve {reserved_slots / 2**30:.1f} GiB; lower max_slots or slot_bits_per_param")
+        return int(usable // self.block_bytes)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Feed every scheduled chunk; returns the sequences that sample now and their fp32 logits [B, vocab]."""
+        seqs, lens = batch.seqs, batch.num_tokens
+        token_ids = [t for seq, n in zip(seqs, lens) for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
+        attn = AttentionMetadata.build(lens, [seq.num_computed + n for seq, n in zip(seqs, lens)],
+                                       [seq.block_table for seq in seqs], self.config.block_size, self.device)
+        rows = self.bank.rows([seq.slot for seq, n in zip(seqs, lens) for _ in range(n)])
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, self.kv_caches, attn, rows)
+        # A chunk that reaches the end of its sequence's tokens samples the next token from its last row.
+        last_rows, sampling = [], []
+        end = 0
+        for seq, n in zip(seqs, lens):
+            end += n
+            if seq.num_computed + n == len(seq):
+                last_rows.append(end - 1)
+                sampling.append(seq)
+        if not sampling:
+            return [], None
+        picked = hidden[torch.tensor(last_rows, device=self.device)]
+        return sampling, self.model.logits(picked, self.bank.rows([seq.slot for seq in sampling]))

@@ -1,0 +1,101 @@
+"""The engine's delta slots: which weights each resident tenant changes, capacity checks, per-step row metadata."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from deltaserve.delta_store.format import DeltaFile, weight_bytes
+from deltaserve.engine.delta_slots import WeightSlots
+from deltaserve.kernels import SlotMetadata
+
+# Per-matrix scalars (a BitDelta scale, say) are not charged against the bits-per-parameter capacity.
+_PER_MATRIX_ALLOWANCE = 8
+
+
+@dataclass(slots=True)
+class DeltaRows:
+    """Which slot each row of one forward pass uses, prepared once per step and read by every layer."""
+
+    groups: list[tuple[int, torch.Tensor]]     # (slot, row indices) for each distinct slot >= 0
+    packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
+    sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
+
+
+class SlotBank:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_slots: int, bits_per_param: float,
+                 device: torch.device, dtype: torch.dtype):
+        self.num_slots = num_slots
+        self.device = device
+        self.weights = {name: WeightSlots(name, shape, num_slots, device, dtype) for name, shape in shapes.items()}
+        matrices = [math.prod(s) for s in shapes.values() if len(s) == 2]
+        # Capacity of one slot: bits_per_param over every weight matrix, plus the per-matrix allowance.
+        # 1-D deltas (norms, biases) are a few KB and are not counted.
+        self.capacity_bytes = int(bits_per_param * sum(matrices) / 8) + _PER_MATRIX_ALLOWANCE * len(matrices)
+        self.group_size = 0
+        self._kind_slots: dict[str, set[int]] = {"packed": set(), "sign": set()}
+
+    def slot_bytes(self, delta: DeltaFile) -> int:
+        return sum(weight_bytes(d) for d in delta.weights.values())
+
+    def check(self, slot: int, delta: DeltaFile) -> None:
+        """Raise ValueError (clear, one line) if `delta` cannot go into `slot`; touches no buffer."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} outside [0, {self.num_slots})")
+        for name, d in delta.weights.items():
+            if name not in self.weights:
+                raise ValueError(f"delta holds {name!r}, which the backbone does not have")
+            if tuple(d.shape) != self.weights[name].shape:
+                raise ValueError(f"delta for {name} has shape {list(d.shape)}, the backbone "
+                                 f"{list(self.weights[name].shape)}")
+        counted = sum(weight_bytes(d) for d in delta.weights.values() if len(d.shape) == 2)
+        if counted > self.capacity_bytes:
+            raise ValueError(f"delta needs {counted} bytes of weight-matrix deltas, a slot holds "
+                             f"{self.capacity_bytes} (slot_bits_per_param too small for this delta)")
+        packed = any(getattr(t, "u_planes", None) is not None for d in delta.weights.values()
+                     for t in getattr(d, "tiers", []))
+        if packed and self.group_size and delta.group_size != self.group_size:
+            raise ValueError(f"delta group_size {delta.group_size} differs from the resident deltas' "
+                             f"{self.group_size}; recompress with group_size={self.group_size}")
+
+    def load(self, slot: int, delta: DeltaFile) -> None:
+        self.check(slot, delta)
+        self.clear(slot)
+        for name, d in delta.weights.items():
+            self.weights[name].write(slot, d, delta.group_size)
+        kinds = set().union(*(self.weights[name].kinds[slot] for name in delta.weights))
+        for kind, slots in self._kind_slots.items():
+            if kind in kinds:
+                slots.add(slot)
+        if "packed" in kinds:
+            self.group_size = delta.group_size
+
+    def clear(self, slot: int) -> None:
+        for w in self.weights.values():
+            w.clear(slot)
+        for slots in self._kind_slots.values():
+            slots.discard(slot)
+        if not self._kind_slots["packed"]:
+            self.group_size = 0
+
+    def nbytes(self) -> int:
+        return sum(w.nbytes() for w in self.weights.values())
+
+    def rows(self, row_slots: list[int]) -> DeltaRows | None:
+        """Metadata for rows with these slots (host list), or None when every row is the base model."""
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(row_slots):
+            if slot >= 0:
+                by_slot.setdefault(slot, []).append(row)
+        if not by_slot:
+            return None
+        groups = [(slot, torch.tensor(rows, device=self.device)) for slot, rows in sorted(by_slot.items())]
+        return DeltaRows(groups, self._metadata(row_slots, "packed"), self._metadata(row_slots, "sign"))
+
+    def _metadata(self, row_slots: list[int], kind: str) -> SlotMetadata | None:
+        holders = self._kind_slots[kind]
+        if not holders.intersection(row_slots):
+            return None
+        masked = [s if s in holders else -1 for s in row_slots]
+        return SlotMetadata.build(torch.tensor(masked, dtype=torch.int32, device=self.device), self.num_slots)
