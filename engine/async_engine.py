@@ -1,0 +1,157 @@
+"""AsyncEngine: the server's view of the engine. Steps run in one background thread (torch releases the
+GIL during kernels), so the event loop keeps serving HTTP while the model computes; outputs cross back to
+the loop with call_soon_threadsafe."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deltaserve.delta_store.format import DeltaFile
+from deltaserve.engine.config import EngineConfig, SamplingParams
+from deltaserve.engine.llm_engine import LLMEngine
+from deltaserve.engine.outputs import EngineStats, RequestOutput
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed; the requests that were in flight are ended with this error."""
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self._engine = LLMEngine(config)
+        self.config = config
+        self.tokenizer = self._engine.tokenizer
+        self.base_fingerprint: str = self._engine.base_fingerprint
+        self.base_shapes: dict[str, tuple] = self._engine.base_shapes
+        self.model_name: str = self._engine.model_name
+        # `_lock` guards the engine (steps, delta loads); `_wake` signals new work or stop to the step thread.
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(threading.Lock())
+        self._inbox: list[tuple[str, Any]] = []
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="deltaserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    # ---- requests ----------------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       slot: int = -1) -> AsyncIterator[RequestOutput]:
+        """Output deltas of one request until it finishes; leaving the loop early (client gone) aborts it."""
+        if self._thread is None:
+            raise RuntimeError("the engine is not started (await engine.start())")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already running")
+        self._engine.validate(prompt_token_ids, params, slot)
+        queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._post("add", (request_id, list(prompt_token_ids), params, slot))
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+            self._queues.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def _post(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._inbox.append((kind, payload))
+            self._wake.notify()
+
+    # ---- deltas and stats (callable from any thread) -----------------------------------------------
+    def load_delta(self, slot: int, delta: DeltaFile) -> None:
+        """Copy a delta into a slot no running request uses; waits for the step in progress to end."""
+        with self._lock:
+            self._engine.load_delta(slot, delta)
+
+    def clear_slot(self, slot: int) -> None:
+        with self._lock:
+            self._engine.clear_slot(slot)
+
+    def slot_bytes(self, delta: DeltaFile) -> int:
+        return self._engine.slot_bytes(delta)
+
+    def stats(self) -> EngineStats:
+        # Read without the lock so /metrics never waits for a step; counters may be one step apart.
+        return self._engine.stats()
+
+    # ---- the step thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._inbox or self._stopping or self._engine.has_work()):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+            with self._lock:
+                outputs = self._apply(inbox)
+                try:
+                    outputs += self._engine.step()
+                except Exception as exc:        # noqa: BLE001 - every waiter must hear about it
+                    log.exception("engine step failed")
+                    self._fail_all(exc)
+            self._deliver(outputs)
+        with self._lock:
+            self._fail_all(EngineDeadError("the engine stopped"))
+
+    def _apply(self, inbox: list[tuple[str, Any]]) -> list[RequestOutput]:
+        outputs = []
+        for kind, payload in inbox:
+            if kind == "add":
+                request_id = payload[0]
+                try:
+                    self._engine.add_request(*payload)
+                except ValueError as exc:
+                    self._deliver_one(request_id, exc)
+            else:
+                out = self._engine.abort(payload)
+                if out is not None:
+                    outputs.append(out)
+        return outputs
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self._engine.seqs):
+            self._engine.abort(request_id)
+            self._deliver_one(request_id, EngineDeadError(f"engine error: {exc}"))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            self._deliver_one(out.request_id, out)
+
+    def _deliver_one(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        def put() -> None:
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
+        self._loop.call_soon_threadsafe(put)
