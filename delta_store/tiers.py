@@ -10,6 +10,10 @@ sequence ends. Invariants:
 - after a new version is uploaded, the old copy keeps serving the sequences that hold it and is dropped
   when the last one releases; new acquires load the new version.
 All methods are called on the event loop's thread; only the load itself runs elsewhere.
+
+Freed slots are not cleared (engine.clear_slot): no sequence can reference a free slot, the next
+load_delta replaces its whole contents, and clearing would wait for the engine's step lock on the event
+loop. The same holds for a slot a failed load left half written.
 """
 from __future__ import annotations
 
@@ -246,7 +250,7 @@ class DeltaCache:
         self._slots[victim.slot] = None
         self._current.pop(victim.tenant, None)
         self._emit("eviction", "gpu", victim.tenant)
-        return victim.slot  # not cleared: the load about to run overwrites it
+        return victim.slot
 
     def _start_load(self, tenant: str, version: DeltaVersion, slot: int) -> _Entry:
         loaded = asyncio.get_running_loop().create_future()
@@ -267,7 +271,6 @@ class DeltaCache:
         except BaseException as exc:
             if self._slots[entry.slot] is entry:
                 self._slots[entry.slot] = None
-                self._engine.clear_slot(entry.slot)  # a half-written slot must not be read
             if self._current.get(entry.tenant) is entry:
                 del self._current[entry.tenant]
             if isinstance(exc, asyncio.CancelledError):
@@ -311,7 +314,6 @@ class DeltaCache:
         """Free the slot of a stale entry once no sequence references it and its load has finished."""
         if entry.stale and entry.refcount == 0 and entry.loaded.done() and self._slots[entry.slot] is entry:
             self._slots[entry.slot] = None
-            self._engine.clear_slot(entry.slot)
             self._emit("eviction", "gpu", entry.tenant)
             self._wake()
 

@@ -11,8 +11,7 @@ import pytest
 from deltaserve.delta_store.format import load_delta
 from deltaserve.delta_store.registry import NoDelta, TenantNotFound, TenantStore
 from deltaserve.delta_store.tiers import CacheEvent, CacheFull, DeltaCache
-from deltaserve.engine import EngineConfig, SamplingParams
-from deltaserve.engine.llm_engine import LLMEngine
+from deltaserve.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
 from store_deltas import make_delta
 
 TENANTS = ["t0", "t1", "t2", "t3"]
@@ -345,5 +344,34 @@ def test_slots_hold_the_right_deltas_after_eviction_and_reuse(tiny_base, store):
         for tenant in ["t0", "t1", "t2", "t0", "t3", "t1"]:  # forces evictions and slot reuse
             async with cache.lease(tenant) as slot:
                 assert greedy_tokens(engine, slot) == expected[tenant], tenant
+
+    run(body())
+
+
+def test_other_tenants_keep_decoding_during_a_cold_load(tiny_base, store):
+    """On the server's AsyncEngine: a warm tenant's generation runs to the end while t0's load is held."""
+    engine = AsyncEngine(EngineConfig(model=str(tiny_base), max_slots=2, num_kv_blocks=64))
+    rec = Recorder(gated=True)
+    cache = DeltaCache(store, engine, host_bytes_limit=10**9, metrics=rec)
+
+    async def body():
+        await engine.start()
+        try:
+            rec.gate.set()
+            warm = await cache.acquire("t1")
+            rec.gate.clear()
+            rec.entered.clear()
+            cold = asyncio.create_task(cache.acquire("t0"))
+            assert await asyncio.to_thread(rec.entered.wait, 10)
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            outputs = [out async for out in engine.generate("warm", [5, 17, 42], params, slot=warm)]
+            assert outputs[-1].finished and outputs[-1].num_completion_tokens == 12
+            assert not cold.done()
+            rec.gate.set()
+            slot = await cold
+            outputs = [out async for out in engine.generate("cold", [5, 17, 42], params, slot=slot)]
+            assert outputs[-1].num_completion_tokens == 12
+        finally:
+            await engine.stop()
 
     run(body())
