@@ -123,10 +123,10 @@ class DeltaCache:
         Raises TenantNotFound / NoDelta from the store, or the load's error (e.g. ValueError when the
         engine finds that the delta does not fit a slot).
         """
-        version = self._store.current_version(tenant)
+        self._store.current_version(tenant)  # unknown tenant or no delta: fail before queueing
         self._waiting[tenant] += 1  # queued for a slot or for the load (stats' waiting_tenants)
         try:
-            entry = await self._claim(tenant, version)
+            entry = await self._claim(tenant)
             if entry.loaded.done():  # failed loads leave the slot table before failing, so done = loaded
                 self._emit("hit", "gpu", tenant)
                 return entry.slot
@@ -212,9 +212,10 @@ class DeltaCache:
 
     # ---- slots ---------------------------------------------------------------------------------
 
-    async def _claim(self, tenant: str, version: DeltaVersion) -> _Entry:
+    async def _claim(self, tenant: str) -> _Entry:
         """Take a reference on the tenant's entry, starting its load or queueing for a slot as needed."""
         while True:
+            version = self._store.current_version(tenant)  # again after each wait: it may have changed
             entry = self._current.get(tenant)
             if entry is not None and entry.version != version:
                 self._invalidate(tenant)  # a newer version was stored since this one loaded
