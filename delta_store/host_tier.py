@@ -17,18 +17,18 @@ from deltaserve.delta_store.format import DeltaFile
 from deltaserve.delta_store.registry import DeltaVersion
 
 
-def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """Apply fn to every tensor inside nested dataclasses / dicts / lists (DeltaFile's weight records)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(
-            obj, **{f.name: _map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
+            obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in dataclasses.fields(obj) if f.init}
         )
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
+        return type(obj)(map_tensors(v, fn) for v in obj)
     return obj
 
 
@@ -36,7 +36,7 @@ def pin_delta(delta: DeltaFile) -> DeltaFile:
     """The same delta with its tensors in page-locked memory (unchanged without CUDA)."""
     if not torch.cuda.is_available():
         return delta
-    return _map_tensors(delta, lambda t: t.pin_memory())
+    return map_tensors(delta, lambda t: t.pin_memory())
 
 
 class HostTier:

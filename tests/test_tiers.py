@@ -7,8 +7,10 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from deltaserve.delta_store.format import load_delta
+from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.delta_store.registry import NoDelta, TenantNotFound, TenantStore
 from deltaserve.delta_store.tiers import CacheEvent, CacheFull, DeltaCache
 from deltaserve.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
@@ -375,3 +377,15 @@ def test_other_tenants_keep_decoding_during_a_cold_load(tiny_base, store):
             await engine.stop()
 
     run(body())
+
+
+def test_map_tensors_rebuilds_every_weight_kind(delta_files):
+    """The walk that pins host copies under CUDA (here with clone: CPU-only tests have no pinned memory)."""
+    original = load_delta(delta_files[0])
+    copied = map_tensors(original, lambda t: t.clone())
+    assert copied.metadata == original.metadata and copied.weights.keys() == original.weights.keys()
+    for name, weight in original.weights.items():
+        assert type(copied.weights[name]) is type(weight)
+        for key, tensor in weight.tensors().items():
+            twin = copied.weights[name].tensors()[key]
+            assert torch.equal(twin, tensor) and twin.data_ptr() != tensor.data_ptr()
