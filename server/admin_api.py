@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from deltaserve.delta_store.registry import InvalidTenantName, NoDelta, TenantExists, TenantNotFound
@@ -47,7 +46,7 @@ class TenantOut(BaseModel):
         delta = None if v is None else DeltaOut(version=v.version, size_bytes=v.size_bytes, sha256=v.sha256,
                                                  method=v.method, bits_per_param=v.bits_per_param, created=v.created)
         return cls(name=tenant.name, description=tenant.description, created=tenant.created, delta=delta,
-                   pinned=any(s.tenant == tenant.name and s.pinned for s in state.cache.stats().slots))
+                   pinned=state.cache.is_pinned(tenant.name))
 
 
 class TenantList(BaseModel):
@@ -115,7 +114,7 @@ async def delete_tenant(name: str, request: Request) -> dict:
 async def remove_tenant(state: ServerState, name: str) -> None:
     """Delete from the registry, then drop its tiers (requests already holding its slot finish first)."""
     await asyncio.to_thread(state.store.delete_tenant, name)
-    state.cache.invalidate(name)
+    await state.cache.forget(name)
 
 
 @router.put("/tenants/{name}/delta", status_code=201)
@@ -136,7 +135,7 @@ async def install_delta(state: ServerState, name: str, path: Path) -> None:
     """Validate and store a new version (in a worker thread: it reads and checks the whole file), then
     have the tiers drop the old one so the next request loads the new."""
     await asyncio.to_thread(state.store.put_delta, name, path)
-    state.cache.invalidate(name)
+    await state.cache.refresh(name)
 
 
 def uploads_dir(state: ServerState) -> Path:
@@ -170,20 +169,26 @@ async def unpin(name: str, request: Request) -> TenantOut:
 
 @router.post("/tenants/{name}/finetuned", status_code=202)
 async def submit_finetuned(name: str, request: Request, method: str = Query("deltacome"),
-                           bits_per_param: float = Query(1.0, gt=0, le=16)) -> JSONResponse:
-    """Body: one safetensors file with the fine-tuned weights (HF names, same shapes as the base)."""
+                           bits_per_param: float = Query(1.0, gt=0, le=16)) -> dict:
+    """Body: one safetensors file with the fine-tuned weights (HF names, the base's shapes). Compression
+    runs as a background job; poll GET /admin/jobs/{id}."""
     state = admin_state(request)
     with registry_errors():
         state.store.get_tenant(name)
     upload = await receive_to_file(request, uploads_dir(state), state.config.server.max_upload_bytes, ".safetensors")
-    job_id = state.jobs.submit(name, upload, method, bits_per_param)
-    return JSONResponse({"id": job_id, "tenant": name, **state.jobs.get(job_id)}, status_code=202)
+    try:
+        with registry_errors():
+            job_id = state.jobs.submit(name, upload, method, bits_per_param, remove_source=True)
+    except BaseException:
+        upload.unlink(missing_ok=True)
+        raise
+    return state.jobs.get(job_id)
 
 
 @router.get("/jobs/{job_id}")
 async def get_job(job_id: str, request: Request) -> dict:
     state = admin_state(request)
     try:
-        return {"id": job_id, **state.jobs.get(job_id)}
+        return state.jobs.get(job_id)
     except KeyError:
         raise APIError(404, f"job {job_id!r} does not exist", code="job_not_found", param="job_id") from None

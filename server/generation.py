@@ -12,7 +12,7 @@ from typing import AsyncIterator
 
 from deltaserve.engine import SamplingParams
 
-from .errors import APIError, model_not_found
+from .errors import APIError, bad_request, model_not_found
 from .metrics import ServingMetrics
 
 
@@ -64,6 +64,8 @@ class Generator:
                         self._pump(index, f"{job.request_id}-{index}", prompt, job.choice_params(c), slot, queue)))
             while unfinished:
                 item = await queue.get()
+                if isinstance(item, ValueError):  # the engine refused the request (it validates first)
+                    raise bad_request(str(item)) from item
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, _SequenceEnd):

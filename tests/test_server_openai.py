@@ -1,0 +1,248 @@
+"""OpenAI API end to end: a real uvicorn server (tiny random Llama, CPU), the official openai client, three
+tenants at once, answers compared with the engine's own for each tenant; errors; streaming; disconnects."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from server_harness import ADMIN_KEY, REPO, LiveServer, tiny_config
+from store_deltas import make_delta
+
+from deltaserve.delta_store.format import load_delta
+from deltaserve.engine import AsyncEngine, EngineConfig, SamplingParams
+from deltaserve.server.prompting import chat_prompt_ids, completion_prompt_ids
+from deltaserve.server.schemas import ChatMessage
+
+TENANTS = ("alpha", "beta", "gamma")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world, the answer is"}]
+PROMPT = "the quick brown fox"
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def deltas(tiny_base, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deltas")
+    return {name: make_delta(tiny_base, folder / f"{name}.safetensors", seed=i) for i, name in enumerate(TENANTS)}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_base, deltas, tmp_path_factory):
+    """One server for the module, three tenants uploaded over HTTP; yields (server, {tenant: key})."""
+    with LiveServer(tiny_config(tiny_base, tmp_path_factory.mktemp("store"))) as server:
+        keys = {name: server.add_tenant(name, path) for name, path in deltas.items()}
+        yield server, keys
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_base, deltas):
+    """Greedy answers of a separate engine with each tenant's delta loaded directly: {(model, kind): text}."""
+
+    async def run() -> dict:
+        engine = AsyncEngine(EngineConfig(model=str(tiny_base), max_slots=len(TENANTS), max_model_len=256))
+        await engine.start()
+        try:
+            slots = {None: -1}
+            for slot, name in enumerate(TENANTS):
+                engine.load_delta(slot, load_delta(deltas[name]))
+                slots[name] = slot
+            tok = engine.tokenizer
+            prompts = {"chat": chat_prompt_ids(tok, [ChatMessage(**m) for m in CHAT]),
+                       "completion": completion_prompt_ids(tok, PROMPT)[0]}
+            answers = {}
+            for tenant, slot in slots.items():
+                for kind, ids in prompts.items():
+                    text = ""
+                    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+                    async for out in engine.generate(f"ref-{tenant}-{kind}", ids, params, slot=slot):
+                        text += out.new_text
+                    answers[(tenant or engine.model_name, kind)] = text
+            return answers
+        finally:
+            await engine.stop()
+
+    return asyncio.run(run())
+
+
+def _chat(client: openai.OpenAI, model: str, stream: bool) -> str:
+    if not stream:
+        reply = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        return reply.choices[0].message.content
+    parts = client.chat.completions.create(model=model, messages=CHAT, max_tokens=MAX_TOKENS, temperature=0,
+                                           stream=True)
+    return "".join(chunk.choices[0].delta.content or "" for chunk in parts if chunk.choices)
+
+
+def _completion(client: openai.OpenAI, model: str, stream: bool) -> str:
+    if not stream:
+        return client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0).choices[0].text
+    parts = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True)
+    return "".join(chunk.choices[0].text for chunk in parts if chunk.choices)
+
+
+def test_three_tenants_concurrently_match_engine(served, expected):
+    server, keys = served
+    base = server.state.base_name
+    jobs = [(model, key, kind, stream) for model, key in [*keys.items(), (base, keys["alpha"])]
+            for kind in ("chat", "completion") for stream in (False, True)]
+
+    def one(job):
+        model, key, kind, stream = job
+        client = server.openai(key)
+        return (_chat if kind == "chat" else _completion)(client, model, stream)
+
+    # tiny.yaml has 2 slots for 3 tenants: the third queues for a slot, evictions happen under load.
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(one, jobs))
+    for (model, _, kind, stream), answer in zip(jobs, answers):
+        assert answer == expected[(model, kind)], f"{model} {kind} stream={stream}"
+    assert len({expected[(t, "chat")] for t in (*TENANTS, base)}) > 1, "deltas should change the answers"
+
+
+def test_models_list_per_caller(served):
+    server, keys = served
+    base = server.state.base_name
+    admin_ids = [m.id for m in server.openai(ADMIN_KEY).models.list().data]
+    assert admin_ids == [base, *sorted(TENANTS)]
+    cards = server.openai(keys["beta"]).models.list().data
+    assert [c.id for c in cards] == [base, "beta"]
+    assert cards[1].parent == base and cards[1].root == base and cards[0].parent is None
+
+
+def test_stream_usage_chunks_and_done(served):
+    server, keys = served
+    with server.http(keys["alpha"]) as http:
+        body = {"model": "alpha", "messages": CHAT, "max_tokens": 5, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all("usage" in c for c in chunks)
+    assert all(c["usage"] is None for c in chunks[:-1])
+    final = chunks[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] == 5
+    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + 5
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_logprobs_n_seed(served):
+    server, keys = served
+    client = server.openai(keys["gamma"])
+    chat = client.chat.completions.create(model="gamma", messages=CHAT, max_completion_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    assert chat.usage.completion_tokens == 4 and chat.choices[0].finish_reason == "length"
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.bytes == list(t.token.encode()) for t in content)
+
+    text = client.completions.create(model="gamma", prompt=[PROMPT, "hello world"], max_tokens=3, n=2,
+                                     temperature=1.0, seed=7, logprobs=2)
+    assert [c.index for c in text.choices] == [0, 1, 2, 3]
+    assert text.usage.completion_tokens == 12
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == 3 and len(lp.top_logprobs[0]) <= 2 and lp.text_offset[0] == 0
+    again = client.completions.create(model="gamma", prompt=[PROMPT, "hello world"], max_tokens=3, n=2,
+                                      temperature=1.0, seed=7)
+    assert [c.text for c in again.choices] == [c.text for c in text.choices], "a seed makes sampling repeatable"
+
+    stopped = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    word = stopped.choices[0].text.strip().split(" ")[0]
+    if word:
+        cut = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                        stop=[word])
+        assert word not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+
+
+def _error(response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def test_client_errors(served):
+    server, keys = served
+    body = {"model": "alpha", "messages": CHAT, "max_tokens": 4}
+    with server.http(None) as anonymous:
+        _error(anonymous.post("/v1/chat/completions", json=body), 401, "missing_api_key")
+    with server.http("ds-0000000000000000.not-a-real-key-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa") as stranger:
+        _error(stranger.post("/v1/chat/completions", json=body), 401, "invalid_api_key")
+    with server.http(keys["alpha"]) as alpha:
+        _error(alpha.post("/v1/chat/completions", json={**body, "model": "beta"}), 403, "model_not_permitted")
+        _error(alpha.post("/v1/chat/completions", json={**body, "model": "nobody"}), 404, "model_not_found")
+        _error(alpha.post("/v1/chat/completions", content=b'{"model": "alpha", "messages": [',
+                          headers={"content-type": "application/json"}), 400, "invalid_json")
+        error = _error(alpha.post("/v1/chat/completions", json={**body, "max_tokens": 0}), 400)
+        assert error["param"] == "max_tokens"
+        error = _error(alpha.post("/v1/completions", json={"model": "alpha", "prompt": "x", "temprature": 0.5}), 400,
+                       "unknown_parameter")
+        assert "temprature" in error["message"]
+        _error(alpha.post("/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 10_000}), 400,
+               "context_length_exceeded")
+        _error(alpha.post("/v1/chat/completions", json={"model": "alpha"}), 400, "missing_required_parameter")
+        _error(alpha.get("/v1/nothing-here"), 404)
+    # The openai client maps these onto its typed exceptions.
+    with pytest.raises(openai.NotFoundError):
+        server.openai(ADMIN_KEY).chat.completions.create(model="nobody", messages=CHAT)
+    with pytest.raises(openai.PermissionDeniedError):
+        server.openai(keys["beta"]).completions.create(model="gamma", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        server.openai(keys["beta"]).completions.create(model="beta", prompt="x", max_tokens=0)
+
+
+def test_disconnect_mid_stream_aborts(served):
+    server, keys = served
+    engine = server.state.engine
+    body = {"model": "beta", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    with server.http(keys["beta"]) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            first = next(response.iter_lines())
+            assert first.startswith("data: ")
+        # Leaving the block closed the connection after one chunk of 200 tokens.
+    deadline = time.monotonic() + 30
+    while engine.stats().num_running + engine.stats().num_waiting > 0:
+        assert time.monotonic() < deadline, "the abandoned sequence kept running"
+        time.sleep(0.05)
+    with server.http(None) as http:
+        metrics = http.get("/metrics").text
+    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"}' in metrics
+
+
+def test_health_ready_metrics(served):
+    server, _ = served
+    with server.http(None) as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        assert http.get("/ready").json()["status"] == "ready"
+        text = http.get("/metrics").text
+    for name in ("deltaserve_requests_total", "deltaserve_prompt_tokens_total", "deltaserve_completion_tokens_total",
+                 "deltaserve_time_to_first_token_seconds_bucket", "deltaserve_inter_token_latency_seconds_bucket",
+                 "deltaserve_e2e_request_latency_seconds_bucket", "deltaserve_num_requests_running",
+                 "deltaserve_kv_cache_usage_ratio", "deltaserve_device_memory_bytes", "deltaserve_delta_tier_events_total",
+                 "deltaserve_delta_load_seconds_bucket", "vllm:lora_requests_info"):
+        assert name in text, name
+    assert 'deltaserve_requests_total{endpoint="chat",tenant="alpha"}' in text
+
+
+def test_grafana_panels_use_exported_metrics(served):
+    """Every metric a dashboard panel queries exists in /metrics (after the traffic of the tests above)."""
+    server, _ = served
+    with server.http(None) as http:
+        exported = http.get("/metrics").text
+    dashboard = json.loads((REPO / "docker" / "grafana-dashboard.json").read_text())
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"\b(?:deltaserve_|vllm:)[a-z0-9_:]+", target["expr"]):
+                assert re.search(rf"^{re.escape(name)}[{{ ]", exported, re.M), f"{panel['title']}: {name}"
