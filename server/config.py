@@ -72,7 +72,7 @@ class HTTPConfig:
 
 @dataclass(slots=True)
 class StoreConfig:
-    root: Path = Path("deltaserve-data")
+    root: Path = Path("var/deltaserve")  # relative to the working directory; /var/ is git-ignored
     # Pinned host memory for deltas evicted from (or waiting for) a GPU slot.
     host_bytes_limit: int | str = "2GiB"
 
