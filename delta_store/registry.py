@@ -174,12 +174,14 @@ class TenantStore:
         return [self._tenant(row) for row in rows]
 
     def delete_tenant(self, name: str) -> None:
-        with self._transaction() as db:
-            if db.execute("DELETE FROM tenants WHERE name = ?", (name,)).rowcount == 0:
-                raise TenantNotFound(f"tenant {name!r} does not exist")
-        self._verified_keys = {k: t for k, t in self._verified_keys.items() if t != name}
-        # Rows are gone first: a crash here leaves only an orphan folder, which _recover removes.
-        shutil.rmtree(self._deltas / name, ignore_errors=True)
+        # Under the lock throughout: a tenant re-created under this name must not lose its new files.
+        with self._lock:
+            with self._transaction() as db:
+                if db.execute("DELETE FROM tenants WHERE name = ?", (name,)).rowcount == 0:
+                    raise TenantNotFound(f"tenant {name!r} does not exist")
+            self._verified_keys = {k: t for k, t in self._verified_keys.items() if t != name}
+            # Rows are gone first: a crash here leaves only an orphan folder, which _recover removes.
+            shutil.rmtree(self._deltas / name, ignore_errors=True)
 
     # ---- delta versions ------------------------------------------------------------------------
 
@@ -260,7 +262,11 @@ class TenantStore:
             row = self._db.execute("SELECT tenant, salt, digest FROM api_keys WHERE key_id = ?", (key_id,)).fetchone()
         if row is None or not apikeys.verify(secret, row[1], row[2]):
             return None
-        self._verified_keys[fast] = row[0]
+        with self._lock:
+            # Cache only if the key survived the (unlocked) hash check: a delete meanwhile must win.
+            if self._db.execute("SELECT 1 FROM api_keys WHERE key_id = ?", (key_id,)).fetchone() is None:
+                return None
+            self._verified_keys[fast] = row[0]
         return row[0]
 
     # ---- internals -----------------------------------------------------------------------------
@@ -329,17 +335,18 @@ class TenantStore:
             raise
 
     def _prune(self, name: str) -> None:
-        """Drop versions older than the newest ``keep_versions`` (rows first, then files)."""
-        with self._transaction() as db:
-            old = [
-                v for (v,) in db.execute(
-                    "SELECT version FROM delta_versions WHERE tenant = ? ORDER BY version DESC LIMIT -1 OFFSET ?",
-                    (name, self.keep_versions),
-                )
-            ]
-            db.executemany("DELETE FROM delta_versions WHERE tenant = ? AND version = ?", [(name, v) for v in old])
-        for v in old:
-            self._version_path(name, v).unlink(missing_ok=True)
+        """Drop versions older than the newest ``keep_versions`` (rows first, then files, under one lock)."""
+        with self._lock:
+            with self._transaction() as db:
+                old = [
+                    v for (v,) in db.execute(
+                        "SELECT version FROM delta_versions WHERE tenant = ? ORDER BY version DESC LIMIT -1 OFFSET ?",
+                        (name, self.keep_versions),
+                    )
+                ]
+                db.executemany("DELETE FROM delta_versions WHERE tenant = ? AND version = ?", [(name, v) for v in old])
+            for v in old:
+                self._version_path(name, v).unlink(missing_ok=True)
 
     def _recover(self) -> None:
         """Bring disk and database back in line after a crash: drop debris, never a committed version."""
