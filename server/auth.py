@@ -57,9 +57,12 @@ class Authenticator:
         if self._is_admin_key(key):
             return Caller("admin")
         tenant = self.tenant_for_key(key)
-        if tenant is None:
-            raise APIError(401, "Invalid API key.", code="invalid_api_key")
-        return Caller("tenant", tenant)
+        if tenant is not None:
+            return Caller("tenant", tenant)
+        if not self.config.require_api_key:
+            # Open mode: everyone may use every model, and OpenAI clients must send some key ("EMPTY").
+            return Caller("anonymous")
+        raise APIError(401, "Invalid API key.", code="invalid_api_key")
 
     def may_use(self, caller: Caller, model: str, base_name: str) -> bool:
         """Whether ``caller`` may use ``model`` (the base's name or a tenant's)."""

@@ -13,10 +13,6 @@ import logging
 import sys
 from typing import Any
 
-import uvicorn
-
-from .config import ConfigError, config_from_dict, read_yaml
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the OpenAI-compatible server",
@@ -41,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def raw_config(args: argparse.Namespace) -> dict[str, Any]:
     """The config document the flags describe (a file's, with the flags laid over it)."""
+    from .config import ConfigError, read_yaml
+
     if args.config:
         raw = read_yaml(args.config)
     elif args.model:
@@ -68,7 +66,11 @@ def raw_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .app import create_app  # imports torch and the engine: only when really serving
+    # Imported here: they pull in torch and the engine, which `deltaserve --help` should not wait for.
+    import uvicorn
+
+    from .app import create_app
+    from .config import ConfigError, config_from_dict
 
     try:
         config = config_from_dict(raw_config(args))

@@ -55,7 +55,7 @@ class HTTPConfig:
     port: int = 8000
     # None: taken from $DELTASERVE_ADMIN_KEY; neither set: the admin API answers 401 to everyone.
     admin_key: str | None = None
-    # False lets callers without a key use every model (a local demo); a key, when sent, is still checked.
+    # False lets callers without a (valid) key use every model (a local demo); a tenant's key still scopes.
     require_api_key: bool = True
     tenant_keys_may_use_base: bool = True
     max_upload_bytes: int | str = "4GiB"
