@@ -229,9 +229,12 @@ def test_api_keys_hashed_and_scoped(tmp_path, base):
     assert store.tenant_for_key(key_a) == "a"
     store.delete_tenant("a")
     assert store.tenant_for_key(key_a) is None  # also after it was verified (and cached) once
+    store.create_tenant("a")
+    assert store.tenant_for_key(key_a) is None  # a new tenant of the same name does not inherit keys
     assert store.tenant_for_key(key_b) == "b"
     rows = sqlite3.connect(tmp_path / "registry.sqlite3").execute("SELECT tenant FROM api_keys").fetchall()
     assert rows == [("b",)]
+    store.close()
 
 
 def test_reopen_keeps_everything(tmp_path, base, deltas):
