@@ -87,6 +87,11 @@ class _Entry:
     stale: bool = False
 
 
+@dataclass(eq=False)
+class _Waiter:
+    woken: asyncio.Future | None = None
+
+
 @dataclass
 class _Counters:
     hits: Counter = field(default_factory=Counter)
@@ -106,9 +111,10 @@ class DeltaCache:
         self._current: dict[str, _Entry] = {}  # tenant -> entry of its current version
         self._pinned: set[str] = set()
         self._host = HostTier(host_bytes_limit, on_evict=lambda t: self._emit("eviction", "host", t))
-        # Waiters are plain futures, not an asyncio.Condition: release() must be callable from synchronous
-        # cleanup code, and Condition.notify needs its lock, which only an await can take.
-        self._waiters: deque[asyncio.Future] = deque()
+        # Acquirers waiting for a slot, FIFO. Each waits on its own future rather than an asyncio.Condition:
+        # release() must be callable from synchronous cleanup code, and Condition.notify needs its lock,
+        # which only an await can take.
+        self._queue: deque[_Waiter] = deque()
         self._waiting = Counter()
         self._tick = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
@@ -213,24 +219,38 @@ class DeltaCache:
     # ---- slots ---------------------------------------------------------------------------------
 
     async def _claim(self, tenant: str) -> _Entry:
-        """Take a reference on the tenant's entry, starting its load or queueing for a slot as needed."""
-        while True:
-            version = self._store.current_version(tenant)  # again after each wait: it may have changed
-            entry = self._current.get(tenant)
-            if entry is not None and entry.version != version:
-                self._invalidate(tenant)  # a newer version was stored since this one loaded
-                entry = None
-            if entry is None:
-                slot = self._free_slot()
-                if slot is not None:
-                    entry = self._start_load(tenant, version, slot)
-            if entry is not None:
-                entry.refcount += 1
-                entry.last_used = next(self._tick)
-                return entry
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            await waiter
+        """Take a reference on the tenant's entry, starting its load or queueing for a slot as needed.
+
+        Slots go first come, first served: only the head of the queue (or a newcomer when nobody queues)
+        may take a free or evictable slot, so a stream of new tenants cannot starve a queued one. Joining
+        a resident or loading entry takes no slot and is allowed from anywhere in the queue.
+        """
+        me: _Waiter | None = None
+        try:
+            while True:
+                version = self._store.current_version(tenant)  # again after each wait: it may have changed
+                entry = self._current.get(tenant)
+                if entry is not None and entry.version != version:
+                    self._invalidate(tenant)  # a newer version was stored since this one loaded
+                    entry = None
+                my_turn = not self._queue if me is None else self._queue[0] is me
+                if entry is None and my_turn:
+                    slot = self._free_slot()
+                    if slot is not None:
+                        entry = self._start_load(tenant, version, slot)
+                if entry is not None:
+                    entry.refcount += 1
+                    entry.last_used = next(self._tick)
+                    return entry
+                if me is None:
+                    me = _Waiter()
+                    self._queue.append(me)
+                me.woken = asyncio.get_running_loop().create_future()
+                await me.woken
+        finally:
+            if me is not None:
+                self._queue.remove(me)
+                self._wake()  # the next in line may take a slot now
 
     def _invalidate(self, tenant: str) -> None:
         self._host.drop(tenant)
@@ -289,6 +309,7 @@ class DeltaCache:
         self._emit("load", "gpu", entry.tenant, seconds)
         entry.loaded.set_result(None)
         self._drop_if_unused(entry)  # replaced or invalidated while it loaded
+        self._wake()  # if every acquirer of this load gave up, its slot is evictable now
 
     def _load_into_slot(self, version: DeltaVersion, slot: int) -> None:
         """Worker thread: host tier or disk -> engine slot."""
@@ -319,11 +340,10 @@ class DeltaCache:
             self._wake()
 
     def _wake(self) -> None:
-        """Wake every queued acquirer; each re-checks in FIFO order (futures resolve in queue order)."""
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        """Wake every queued acquirer to re-check; they run in queue order (futures resolve in that order)."""
+        for waiter in self._queue:
+            if not waiter.woken.done():
+                waiter.woken.set_result(None)
 
     def _emit(self, kind: str, tier: str, tenant: str, seconds: float = 0.0) -> None:
         counter = {"hit": self._counters.hits, "miss": self._counters.misses, "eviction": self._counters.evictions}.get(kind)

@@ -155,6 +155,29 @@ def test_full_slots_queue_and_in_use_is_never_evicted(tiny_base, store):
     assert rec.count("eviction") == 2
 
 
+def test_newcomer_does_not_jump_the_queue(tiny_base, store):
+    cache = DeltaCache(store, make_engine(tiny_base, 1), host_bytes_limit=10**9)
+    order: list[str] = []
+
+    async def use(tenant: str) -> None:
+        async with cache.lease(tenant):
+            order.append(tenant)
+            await asyncio.sleep(0)
+
+    async def body():
+        s0 = await cache.acquire("t0")
+        queued = asyncio.create_task(use("t1"))
+        await settle()
+        cache.release("t0", s0)
+        # This coroutine runs on into acquire before the queued task can: a free slot is in sight,
+        # but t1 asked first.
+        await use("t2")
+        await queued
+
+    run(body())
+    assert order == ["t1", "t2"]
+
+
 def test_lru_picks_least_recently_used(tiny_base, store):
     cache = DeltaCache(store, make_engine(tiny_base, 2), host_bytes_limit=10**9)
 
