@@ -1,0 +1,156 @@
+"""Continuous batching, preemption, abort, sampling options, delta slot errors and the async engine."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from deltaserve.engine import AsyncEngine, EngineConfig, SamplingParams
+from engine_fixtures import PROMPTS, greedy, make_engine, make_tenants, run_to_end
+
+
+@pytest.fixture(scope="module")
+def tenants(tmp_path_factory):
+    return make_tenants(tmp_path_factory.mktemp("batching"), "llama_gqa_untied")
+
+
+@pytest.fixture(scope="module")
+def solo(tenants):
+    """Greedy tokens of each (prompt, slot) run alone in a roomy engine."""
+    engine = make_engine(tenants)
+    out = {}
+    for i, prompt in enumerate(PROMPTS):
+        for slot in (-1, 0, 1, 2):
+            engine.add_request("x", list(prompt), greedy(), slot)
+            out[i, slot] = run_to_end(engine)["x"]
+    return out
+
+
+def test_arrivals_aborts_and_preemption(tenants, solo):
+    # 14 blocks of 4 tokens: four requests of up to 43 tokens cannot all hold their KV at once.
+    engine = make_engine(tenants, num_kv_blocks=14, max_num_batched_tokens=8)
+    plan = {0: [(0, -1), (1, 0)], 3: [(2, 1), (3, 2)], 7: [(1, 2), (0, 1)], 12: [(3, -1)]}
+    aborted = {"r3_1": 5, "r12_0": 20}       # request -> step at which the client goes away
+    tokens: dict[str, list[int]] = {}
+    finished: dict[str, str] = {}
+    expected = {}
+    step = 0
+    while step in plan or engine.has_work() or step < max(plan):
+        for j, (prompt, slot) in enumerate(plan.get(step, [])):
+            rid = f"r{step}_{j}"
+            engine.add_request(rid, list(PROMPTS[prompt]), greedy(), slot)
+            expected[rid] = solo[prompt, slot]
+        for rid, at in aborted.items():
+            if at == step:
+                out = engine.abort(rid)
+                assert out.finished and out.finish_reason == "abort"
+                finished[rid] = "abort"
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+        step += 1
+    assert engine.scheduler.num_preemptions > 0
+    assert set(finished) == set(expected)
+    for rid, want in expected.items():
+        if rid in aborted:
+            assert finished[rid] == "abort" and tokens.get(rid, []) == want[: len(tokens.get(rid, []))]
+        else:
+            assert finished[rid] == "length" and tokens[rid] == want, rid
+    stats = engine.stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == stats.num_waiting == 0
+
+
+def test_seeded_sampling_is_reproducible_across_batches(tenants):
+    engine = make_engine(tenants)
+    params = SamplingParams(max_tokens=20, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    engine.add_request("a", list(PROMPTS[0]), params, 1)
+    alone = run_to_end(engine)["a"]
+    engine.add_request("a", list(PROMPTS[0]), params, 1)
+    engine.add_request("b", list(PROMPTS[1]), dataclasses.replace(params, seed=8), 0)
+    engine.add_request("c", list(PROMPTS[0]), dataclasses.replace(params, seed=9), 1)
+    batched = run_to_end(engine)
+    assert batched["a"] == alone
+    assert batched["c"] != alone
+    engine.add_request("k1", list(PROMPTS[2]), SamplingParams(max_tokens=10, top_k=1, ignore_eos=True), 2)
+    engine.add_request("g", list(PROMPTS[2]), greedy(10), 2)
+    out = run_to_end(engine)
+    assert out["k1"] == out["g"]
+
+
+def collect(engine, rid, prompt, params, slot):
+    engine.add_request(rid, prompt, params, slot)
+    outs = []
+    while engine.has_work():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    return outs
+
+
+def test_stop_strings_stop_tokens_and_logprobs(tenants):
+    engine = make_engine(tenants)
+    full = collect(engine, "full", list(PROMPTS[1]), greedy(24), 0)
+    text = "".join(o.new_text for o in full)
+    ids = [t for o in full for t in o.new_token_ids]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = collect(engine, "cut", list(PROMPTS[1]), dataclasses.replace(greedy(24), stop=[stop]), 0)
+    assert cut[-1].finish_reason == "stop"
+    assert "".join(o.new_text for o in cut) == text[: text.find(stop)]
+    by_id = collect(engine, "tok", list(PROMPTS[1]), dataclasses.replace(greedy(24), stop_token_ids=[ids[5]]), 0)
+    assert [t for o in by_id for t in o.new_token_ids] == ids[: ids.index(ids[5]) + 1]
+    assert by_id[-1].finish_reason == "stop" and by_id[-1].num_completion_tokens == ids.index(ids[5]) + 1
+    lp = collect(engine, "lp", list(PROMPTS[1]), dataclasses.replace(greedy(6), logprobs=3), 0)
+    assert [o.new_token_ids[0] for o in lp] == ids[:6] and lp[-1].finish_reason == "length"
+    for o in lp:
+        (entry,) = o.logprobs
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token_id == entry.token_id
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) and entry.logprob <= 0
+
+
+def test_bad_requests_and_deltas_are_refused(tenants):
+    engine = make_engine(tenants, max_model_len=40)
+    with pytest.raises(ValueError, match="slot 7"):
+        engine.add_request("a", [1, 2], greedy(), 7)
+    with pytest.raises(ValueError, match="at most 40"):
+        engine.add_request("a", [1] * 40, greedy(), -1)
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("a", [10**6], greedy(), -1)
+    small = make_engine(dataclasses.replace(tenants, deltas=[]), max_slots=1, slot_bits_per_param=0.25)
+    with pytest.raises(ValueError, match="slot_bits_per_param"):
+        small.load_delta(0, tenants.deltas[0])
+    other = dataclasses.replace(tenants.deltas[0], metadata={**tenants.deltas[0].metadata, "base_fingerprint": "x"})
+    with pytest.raises(ValueError, match="made for base"):
+        engine.load_delta(0, other)
+    # Clearing a slot makes it the base model again.
+    engine.clear_slot(0)
+    engine.add_request("base", list(PROMPTS[0]), greedy(8), -1)
+    engine.add_request("cleared", list(PROMPTS[0]), greedy(8), 0)
+    out = run_to_end(engine)
+    assert out["base"] == out["cleared"]
+
+
+def test_async_engine_streams_aborts_and_reports(tenants, solo):
+    async def main():
+        engine = AsyncEngine(EngineConfig(str(tenants.base), max_slots=3, num_kv_blocks=64, block_size=4))
+        for slot, delta in enumerate(tenants.deltas):
+            await asyncio.to_thread(engine.load_delta, slot, delta)
+        await engine.start()
+
+        async def full(rid, prompt, slot):
+            outs = [o async for o in engine.generate(rid, list(PROMPTS[prompt]), greedy(), slot)]
+            return [t for o in outs for t in o.new_token_ids], outs[-1]
+
+        async def leave_early(rid):
+            async for out in engine.generate(rid, list(PROMPTS[3]), greedy(), 1):
+                if out.num_completion_tokens == 3:
+                    break
+
+        results = await asyncio.gather(full("a", 0, 0), full("b", 1, 2), leave_early("c"), full("d", 2, -1))
+        stats = engine.stats()
+        await engine.stop()
+        return results, stats
+
+    (a, b, _, d), stats = asyncio.run(main())
+    assert a[0] == solo[0, 0] and b[0] == solo[1, 2] and d[0] == solo[2, -1]
+    assert a[1].finished and a[1].finish_reason == "length" and a[1].num_completion_tokens == 32
+    assert stats.kv_blocks_used == 0 and stats.steps_total > 0 and stats.backbone_bytes > 0
