@@ -84,10 +84,15 @@ def admin_state(request: Request) -> ServerState:
 @router.post("/tenants", status_code=201)
 async def create_tenant(body: TenantCreate, request: Request) -> TenantOut:
     state = admin_state(request)
-    if body.name == state.base_name:
-        raise APIError(409, f"'{body.name}' is the base model's name", code="tenant_exists", param="name")
     with registry_errors():
-        return TenantOut.of(state.store.create_tenant(body.name, body.description), state)
+        return TenantOut.of(new_tenant(state, body.name, body.description), state)
+
+
+def new_tenant(state: ServerState, name: str, description: str):
+    """A new tenant; its name is a model id, so the base's own name is taken."""
+    if name == state.base_name:
+        raise TenantExists(f"'{name}' is the base model's name")
+    return state.store.create_tenant(name, description)
 
 
 @router.get("/tenants")

@@ -10,7 +10,7 @@ from fastapi.responses import PlainTextResponse
 
 from deltaserve.delta_store.registry import TenantNotFound
 
-from .admin_api import admin_state, install_delta, registry_errors, remove_tenant
+from .admin_api import admin_state, install_delta, new_tenant, registry_errors, remove_tenant
 from .schemas import Strict
 
 router = APIRouter(prefix="/v1")
@@ -37,7 +37,7 @@ async def load_adapter(body: LoadAdapter, request: Request) -> PlainTextResponse
         try:
             state.store.get_tenant(body.lora_name)
         except TenantNotFound:
-            state.store.create_tenant(body.lora_name, description=f"loaded from {path}")
+            new_tenant(state, body.lora_name, description=f"loaded from {path}")
             created = True
         try:
             await install_delta(state, body.lora_name, path)

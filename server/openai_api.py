@@ -14,6 +14,7 @@ from starlette.background import BackgroundTask
 from deltaserve.engine import SamplingParams
 
 from .auth import Caller
+from .disconnect import unless_disconnected
 from .errors import APIError, bad_request, internal_error, model_not_found
 from .generation import GenerationJob
 from .prompting import chat_prompt_ids, completion_prompt_ids
@@ -104,22 +105,27 @@ async def _serve(state: ServerState, request: Request, body: SamplingFields, ren
     created = int(time.time())
     want_logprobs = body.logprobs_count() is not None
     if not body.stream:
-        choices: dict[int, ChoiceState] = {}
-        async with aclosing(state.generator.run(job)) as outputs:
-            async for index, out in outputs:
-                _absorb(choices.setdefault(index, ChoiceState()), out)
+        choices = await unless_disconnected(request, _collect(state, job))
         return renderer.response(job.request_id, created, body.model, choices, body.n, want_logprobs)
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     events = _sse(state, job, renderer, created, want_logprobs, include_usage)
     # Wait for the first event before answering, so that a failure to start (delta load, engine) is still an
     # HTTP error status rather than an error inside a 200 stream.
-    first = await anext(events)
+    first = await unless_disconnected(request, anext(events))
     return StreamingResponse(_prepend(first, events), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"},
                              # A client that disconnects cancels the stream; closing the generator here runs
                              # its cleanup, which aborts the sequences still in the engine.
                              background=BackgroundTask(events.aclose))
+
+
+async def _collect(state: ServerState, job: GenerationJob) -> dict[int, ChoiceState]:
+    choices: dict[int, ChoiceState] = {}
+    async with aclosing(state.generator.run(job)) as outputs:
+        async for index, out in outputs:
+            _absorb(choices.setdefault(index, ChoiceState()), out)
+    return choices
 
 
 async def _sse(state: ServerState, job: GenerationJob, renderer, created: int, want_logprobs: bool,

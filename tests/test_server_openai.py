@@ -8,6 +8,7 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from server_harness import ADMIN_KEY, REPO, LiveServer, tiny_config
@@ -204,20 +205,32 @@ def test_client_errors(served):
 def test_disconnect_mid_stream_aborts(served):
     server, keys = served
     engine = server.state.engine
-    body = {"model": "beta", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True,
+    body = {"model": "beta", "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with server.http(keys["beta"]) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
             first = next(response.iter_lines())
             assert first.startswith("data: ")
-        # Leaving the block closed the connection after one chunk of 200 tokens.
+        # Leaving the block closed the connection after one chunk of 240 tokens.
     deadline = time.monotonic() + 30
     while engine.stats().num_running + engine.stats().num_waiting > 0:
         assert time.monotonic() < deadline, "the abandoned sequence kept running"
         time.sleep(0.05)
     with server.http(None) as http:
         metrics = http.get("/metrics").text
-    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"}' in metrics
+    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 1.0' in metrics
+
+    # A whole answer has nothing to send until the end: the server polls the connection meanwhile.
+    with server.http(keys["beta"]) as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 30
+    while engine.stats().num_running + engine.stats().num_waiting > 0:
+        assert time.monotonic() < deadline, "the abandoned sequence kept running"
+        time.sleep(0.05)
+    with server.http(None) as http:
+        metrics = http.get("/metrics").text
+    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 2.0' in metrics
+    assert 'deltaserve_request_errors_total{status="499",tenant="beta"} 1.0' in metrics
 
 
 def test_health_ready_metrics(served):
