@@ -90,15 +90,15 @@ class CompressionJobs:
                 # per weight compressed; 100 is reached only once the version is registered
                 progress=lambda done, total, _name: self._update(job_id, progress=round(99.0 * done / total, 1)),
             )
-            version = self._store.put_delta(job.tenant, out)
+            outcome = dict(status="succeeded", progress=100.0, version=self._store.put_delta(job.tenant, out).version)
         except Exception as exc:
-            self._update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}", finished=time.time())
-        else:
-            self._update(job_id, status="succeeded", progress=100.0, version=version.version, finished=time.time())
+            outcome = dict(status="failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             if remove_source:
                 shutil.rmtree(finetuned) if finetuned.is_dir() else finetuned.unlink(missing_ok=True)
+        # Only now: whoever sees the final status also sees the files cleaned up.
+        self._update(job_id, finished=time.time(), **outcome)
 
     def _as_checkpoint_dir(self, finetuned: Path, folder: Path) -> Path:
         """An HF folder as is; a lone safetensors file becomes one by pairing it with the base's config."""
