@@ -12,6 +12,7 @@ file without a row is debris of an interrupted put or delete, which reopening re
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -80,6 +81,10 @@ class InvalidTenantName(RegistryError, ValueError):
     pass
 
 
+class StoreInUse(RegistryError):
+    pass
+
+
 class NoDelta(RegistryError, LookupError):
     """The tenant exists but no delta has been accepted for it yet."""
 
@@ -126,6 +131,14 @@ class TenantStore:
         self._staging = self.root / "staging"
         for folder in (self.root, self._deltas, self._staging):
             folder.mkdir(parents=True, exist_ok=True)
+        # Recovery deletes whatever no committed row names, which is only safe if no other process is
+        # writing here: one process owns a store (the OS drops the lock if that process dies).
+        self._owner = open(self.root / "lock", "a")
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise StoreInUse(f"{self.root} is in use by another open TenantStore (another server?)") from None
         # One connection shared under a lock: SQLite serialises writers anyway, and this keeps
         # "check then write" sequences atomic with respect to other threads of this process.
         self._lock = threading.RLock()
@@ -140,6 +153,7 @@ class TenantStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._owner.close()  # releases the flock
 
     # ---- tenants -------------------------------------------------------------------------------
 

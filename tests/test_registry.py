@@ -10,7 +10,9 @@ import pytest
 
 from deltaserve.delta_store import DeltaFormatError
 from deltaserve.delta_store.checkpoint import open_checkpoint
-from deltaserve.delta_store.registry import InvalidTenantName, NoDelta, TenantExists, TenantNotFound, TenantStore
+from deltaserve.delta_store.registry import (
+    InvalidTenantName, NoDelta, StoreInUse, TenantExists, TenantNotFound, TenantStore,
+)
 from store_deltas import make_delta, rewrite
 from tiny_models import make_tiny_model
 
@@ -122,6 +124,7 @@ def test_corrupt_upload_leaves_old_version(tmp_path, base, deltas, corrupt, mess
     bad = corrupt(deltas[1], tmp_path / "bad.safetensors")
     with pytest.raises(DeltaFormatError, match=message):
         store.put_delta("a", bad)
+    store.close()
     assert_only_version(tmp_path / "store", base, good)
 
 
@@ -132,6 +135,7 @@ def test_wrong_fingerprint(tmp_path, base, deltas):
     other = make_delta(base[0], tmp_path / "other.safetensors", fingerprint="sha256:another-base")
     with pytest.raises(DeltaFormatError, match="base fingerprint mismatch"):
         store.put_delta("a", other)
+    store.close()
     assert_only_version(tmp_path / "store", base, good)
 
 
@@ -145,16 +149,26 @@ def test_wrong_shapes(tmp_path, base, deltas):
     liar = make_delta(wide, tmp_path / "liar.safetensors", fingerprint=base[1])
     with pytest.raises(DeltaFormatError, match="delta shape .* != base shape"):
         store.put_delta("a", liar)
+    store.close()
     assert_only_version(tmp_path / "store", base, good)
 
 
 def assert_only_version(root: Path, base, good) -> None:
     """The store serves ``good``, holds no other file, and says the same after a restart."""
-    for store in (open_store(root, base), open_store(root, base)):
+    for _ in range(2):
+        store = open_store(root, base)
         assert store.current_version("a") == good
         assert [v.version for v in store.list_versions("a")] == [good.version]
         assert files_of(root) == [f"deltas/a/v{good.version}.safetensors"]
         store.close()
+
+
+def test_one_process_owns_a_store(tmp_path, base):
+    store = open_store(tmp_path, base)
+    with pytest.raises(StoreInUse):
+        open_store(tmp_path, base)  # its recovery would delete the first one's uploads in progress
+    store.close()
+    open_store(tmp_path, base).close()
 
 
 def test_recovery_removes_debris_and_keeps_committed(tmp_path, base, deltas):
