@@ -38,7 +38,7 @@ class CacheEvent:
     kind: Literal["hit", "miss", "load", "eviction"]
     tier: Literal["gpu", "host"]
     tenant: str
-    seconds: float = 0.0  # for "load": disk/host -> slot latency
+    seconds: float = 0.0  # for "load": gpu = the whole acquire-side load, host = disk read + validation
 
 
 # Called on the event loop or on a load's worker thread: it must be thread-safe (prometheus-client is).
@@ -316,11 +316,14 @@ class DeltaCache:
         delta = self._host.get(version)
         if delta is None:
             self._emit("miss", "host", version.tenant)
+            start = time.perf_counter()
+            # Validated again, not only at upload: a file damaged on disk must fail here, not in a kernel.
             delta = pin_delta(
                 load_delta(version.path, expected_fingerprint=self._store.base_fingerprint,
                            base_shapes=self._store.base_shapes)
             )
             self._host.put(version, delta)
+            self._emit("load", "host", version.tenant, time.perf_counter() - start)
         else:
             self._emit("hit", "host", version.tenant)
         self._engine.load_delta(slot, delta)
