@@ -263,7 +263,7 @@ class TenantStore:
         return key.plaintext
 
     def tenant_for_key(self, key: str) -> str | None:
-        """The tenant a key belongs to, or None for an unknown, malformed or revoked key."""
+        """The tenant a key belongs to, or None for a malformed or unknown key (deleting a tenant deletes its keys)."""
         fast = hashlib.blake2b(key.encode()).digest()
         tenant = self._verified_keys.get(fast)
         if tenant is not None:
