@@ -90,6 +90,8 @@ class Generator:
         finally:
             for task in tasks:
                 task.cancel()
+            # Abort now rather than when the cancelled pumps next run: the engine applies aborts before its
+            # next step, so no aborted row ever runs with a delta loaded into the slot released below.
             for index in unfinished:
                 self.engine.abort(f"{job.request_id}-{index}")
                 self.metrics.finished.labels(label, "abort").inc()

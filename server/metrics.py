@@ -70,10 +70,8 @@ class _StateCollector(Collector):
     def collect(self):
         s = self.engine_stats()
 
-        def gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> GaugeMetricFamily:
-            family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
-            family.add_metric(list((labels or {}).values()), value)
-            return family
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, value=value)
 
         yield gauge("deltaserve_num_requests_running", "Sequences in the running batch.", s.num_running)
         yield gauge("deltaserve_num_requests_waiting", "Sequences queued for the engine.", s.num_waiting)

@@ -136,7 +136,9 @@ async def _sse(state: ServerState, job: GenerationJob, renderer, created: int, w
         async with aclosing(state.generator.run(job)) as outputs:
             async for index, out in outputs:
                 sofar = choices.setdefault(index, ChoiceState())
-                if out.new_text or out.finished or not sofar.started:
+                # A token that ends mid-character has no text yet; its chunk is still sent if it carries
+                # logprobs (or the role, or the finish reason).
+                if out.new_text or out.finished or not sofar.started or (want_logprobs and out.logprobs):
                     chunk = renderer.chunk(job.request_id, created, job.model, index, out, sofar, want_logprobs)
                     yield f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
                 _absorb(sofar, out)
