@@ -51,12 +51,15 @@ class AttentionMetadata:
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D]; caches [num_blocks * block_size, KVH, D] -> out [T, H * D]."""
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
-    keys = k_cache[meta.kv_index].transpose(1, 2)          # [N, KVH, max_ctx, D]
-    values = v_cache[meta.kv_index].transpose(1, 2)
-    queries = q[meta.q_index].transpose(1, 2)              # [N, H, max_q, D]
+    # index_copy_ / index_select: several times faster on CPU than advanced-index assignment and gather.
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    n, max_ctx = meta.kv_index.shape
+    flat = meta.kv_index.view(-1)
+    keys = k_cache.index_select(0, flat).view(n, max_ctx, *k.shape[1:]).transpose(1, 2)     # [N, KVH, ctx, D]
+    values = v_cache.index_select(0, flat).view(n, max_ctx, *v.shape[1:]).transpose(1, 2)
+    max_q = meta.q_index.shape[1]
+    queries = q.index_select(0, meta.q_index.view(-1)).view(n, max_q, *q.shape[1:]).transpose(1, 2)  # [N, H, q, D]
     out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=meta.mask, scale=scale,
                                          enable_gqa=q.shape[1] != k.shape[1])
-    n, h, max_q, d = out.shape
-    return out.transpose(1, 2).reshape(n * max_q, h * d)[meta.out_rows]
+    return out.transpose(1, 2).reshape(n * max_q, -1).index_select(0, meta.out_rows)
