@@ -9,13 +9,22 @@ Per matrix D [d_out, d_in] with input Hessian H (sum of x x^T over calibration t
 1. truncated SVD D ~ U^T diag(s) V at the total rank the tiers can afford;
 2. quantize V group-wise (GPTQ against H, or round-to-nearest with MSE-searched scales without H);
 3. refit U to the quantized V (least squares of (D - U^T diag(s) V_q) X), so U absorbs V's error;
-4. quantize U with GPTQ error feedback against the Hessian of z = diag(s) V_q x;
+4. quantize U: with H, GPTQ error feedback against the Hessian of z = diag(s) V_q x; without, RTN + MSE scales;
 5. refit s by least squares to the quantized U and V.
-Steps 3-5 are small [r, r] solves; they recover much of what 2-3 bit quantization loses.
+Steps 3 and 5 are small least-squares solves that let later factors absorb earlier quantization error
+(measured on 512x512 power-law deltas: about a tenth of the quantization loss; cheap, so kept).
 
-How ranks and widths are chosen is allocation.py's job; DEFAULT_PLAN was chosen by
-bench/tier_allocation.py (results in bench/results/tier_allocation.md). The budget counts every stored
-byte: bit planes, fp16 group scales and fp32 singular values.
+How ranks and widths are chosen is allocation.py's job. The budget counts every stored byte: bit
+planes, fp16 group scales and fp32 singular values.
+
+Default allocation: `auto:8/4/3/2`, i.e. per matrix, from its own spectrum, each rank gets 8, 4, 3 or
+2 bits or is dropped (allocation.AdaptivePlan). Chosen by bench/tier_allocation.py: mean relative
+Frobenius error at 1.0 bit/param over power-law spectra (decay 0.5, 0.75, 1.0, spike+tail) at 1024x1024
+and 1024x2816 (bench/results/tier_allocation.md):
+    auto:8/4/3/2 0.2165 (chosen) | auto:8/7/6/5/4/3/2/1 0.2150 (7 tiers: 0.7% better, not worth the
+    extra kernel launches) | auto:8/3/2 0.2204 | fixed 8:0.1,4:0.3,3:0.6 0.2232 | fixed 4-bit 0.2726 |
+    Delta-CoMe's 7B setting as byte shares (8:0.008,3:0.047,2:0.945) 0.3528 | svd 0.3174 | bitdelta 0.6468
+On a typical 1024x1024 power-1.0 delta it picks 16@8 + 37@4 + 41@3 + 46@2 (rank@bits).
 """
 
 import torch
@@ -82,7 +91,12 @@ def compress_deltacome(
     target = delta if hessian is None else delta @ hessian  # D H: the objective weights errors by H
     gram_v = v_q @ v_q.T if hessian is None else v_q @ hessian @ v_q.T  # [r, r]
     u = _ridge_solve(gram_v, v_q @ target.T) / s.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    u_codes, u_scales = gptq_vectors(u, bits, group_size, s.unsqueeze(1) * gram_v * s.unsqueeze(0))
+    if hessian is None:
+        # Without calibration the Hessian of z = diag(s) V_q x is diag(s) V_q V_q^T diag(s), nearly diagonal
+        # (V_q's rows are nearly orthogonal), so GPTQ's feedback changes nothing measurable: plain RTN.
+        u_codes, u_scales = rtn_quantize(u, bits, group_size)
+    else:
+        u_codes, u_scales = gptq_vectors(u, bits, group_size, s.unsqueeze(1) * gram_v * s.unsqueeze(0))
     u_q = dequantize_rows(u_codes, u_scales, bits, group_size)
 
     s = _ridge_solve((u_q @ u_q.T) * gram_v, ((u_q @ target) * v_q).sum(dim=1))

@@ -14,7 +14,7 @@ Each row of a factor may have its own bit width (tiers of one matrix are quantiz
 
 import torch
 
-from .packing import check_group_size, codes_for_scales, num_groups
+from .packing import check_group_size, codes_for_scales, expand_scales, num_groups
 
 # Candidate scales as fractions of the max-abs scale (1-bit codes want ~0.3, 8-bit ones 1.0 = no clipping).
 SHRINK_GRID = torch.linspace(0.2, 1.0, 33)
@@ -58,8 +58,8 @@ def rtn_quantize(m: torch.Tensor, bits: torch.Tensor, group_size: int) -> tuple[
     r, d = m.shape
     n = num_groups(d, group_size)
     pad = n * group_size - d
-    groups = torch.nn.functional.pad(m.float(), (0, pad)).view(r * n, group_size)
-    valid = torch.nn.functional.pad(torch.ones_like(m, dtype=torch.bool), (0, pad)).view(r * n, group_size)
+    groups = torch.nn.functional.pad(m.float(), (0, pad)).reshape(r * n, group_size)
+    valid = torch.nn.functional.pad(torch.ones_like(m, dtype=torch.bool), (0, pad)).reshape(r * n, group_size)
     scales = _check_finite_scales(_best_scales(groups, bits.repeat_interleave(n), valid).view(r, n))
     return _codes(m, scales, bits, group_size), scales
 
@@ -75,8 +75,7 @@ def _codes(m: torch.Tensor, scales: torch.Tensor, bits: torch.Tensor, group_size
 def dequantize_rows(codes: torch.Tensor, scales: torch.Tensor, bits: torch.Tensor, group_size: int) -> torch.Tensor:
     """Inverse of the quantizers here for rows of mixed widths: codes uint8 [r, d] -> fp32 [r, d]."""
     mid = ((2.0 ** bits.float() - 1) / 2).unsqueeze(1)
-    step = scales.float().repeat_interleave(group_size, dim=1)[:, : codes.shape[1]]
-    return (codes.float() - mid) * step
+    return (codes.float() - mid) * expand_scales(scales, codes.shape[1], group_size)
 
 
 def _upper_inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
