@@ -26,6 +26,8 @@ def load_base(path: Path, device: str, dtype: torch.dtype = torch.float32):
     kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
     folder = path.parent if path.suffix == ".gguf" else path
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).to(device)
+    # GGUF weights arrive dequantized; drop the GGUF quantizer so the fine-tune saves as plain safetensors.
+    model.hf_quantizer = None
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     return model, tokenizer
 
