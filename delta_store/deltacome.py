@@ -77,10 +77,11 @@ def compress_deltacome(
     if max_rank == 0:
         raise ValueError(f"a budget of {budget_bytes} bytes cannot hold one rank of a {d_out}x{d_in} matrix")
     delta = delta.float()
-    u, s, v = truncated_svd(delta, max_rank)
+    _, s, v = truncated_svd(delta, max_rank)  # U is refitted below, so the SVD's own U is not needed
     tiers = plan.ranks(s, d_out, d_in, budget_bytes, group_size)
     tiers = _trim(tiers, int((s > RANK_TOLERANCE * s[0]).sum()))
-    u, s, v = u[: sum(r for _, r in tiers)], s[: sum(r for _, r in tiers)], v[: sum(r for _, r in tiers)]
+    rank = sum(r for _, r in tiers)
+    s, v = s[:rank], v[:rank]
     if hessian is not None:
         hessian = hessian.float() + HESSIAN_DAMP * torch.diagonal(hessian).mean() * torch.eye(d_in, device=hessian.device)
     bits = torch.tensor([b for b, rank in tiers for _ in range(rank)], device=delta.device)
