@@ -92,6 +92,7 @@ def test_architecture_mismatch(tiny_base: Path, tmp_path: Path) -> None:
     ({"calibration": "/nonexistent/calibration.txt"}, "--calibration /nonexistent/calibration.txt: cannot read"),
     ({"device": "tpu"}, "--device 'tpu'"),
     ({"bits_per_param": 0.01}, "cannot hold one rank"),
+    *([] if torch.cuda.is_available() else [({"device": "cuda"}, "--device cuda: CUDA is not available")]),
 ])
 def test_bad_options(tiny_base: Path, finetune: Path, tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
