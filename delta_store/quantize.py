@@ -18,6 +18,8 @@ from .packing import check_group_size, codes_for_scales, expand_scales, num_grou
 
 # Candidate scales as fractions of the max-abs scale (1-bit codes want ~0.3, 8-bit ones 1.0 = no clipping).
 SHRINK_GRID = torch.linspace(0.2, 1.0, 33)
+# Elements scored at once by the scale search (candidates x rows x group): bounds its memory to ~64 MB.
+SEARCH_CHUNK_ELEMENTS = 1 << 24
 # Hessian dampening relative to its mean diagonal, as in GPTQ: keeps the Cholesky factorisation stable.
 DAMP = 0.01
 
@@ -25,22 +27,28 @@ DAMP = 0.01
 def _best_scales(groups: torch.Tensor, bits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """groups fp32 [n, G], bits int [n] -> fp16 scales [n] minimising each group's squared error.
 
-    valid bool [n, G] marks real elements when groups were zero-padded (padding is not scored)."""
+    valid bool [n, G] marks real elements when groups were zero-padded (padding is not scored).
+    All candidate scales are scored at once, in row chunks of bounded size (GPTQ calls this per column
+    or per vector, so one launch per candidate would dominate its run time)."""
+    n, width = groups.shape
+    rows = max(1, SEARCH_CHUNK_ELEMENTS // (len(SHRINK_GRID) * width))
+    return torch.cat([
+        _best_scales_chunk(groups[i : i + rows], bits[i : i + rows], None if valid is None else valid[i : i + rows])
+        for i in range(0, n, rows)
+    ])
+
+
+def _best_scales_chunk(groups: torch.Tensor, bits: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     maxq = (2.0**bits.float() - 1).unsqueeze(1)  # [n, 1]
     mid = maxq / 2
     absmax = groups.abs().amax(dim=1, keepdim=True)  # [n, 1]
-    best_err = torch.full((groups.shape[0],), float("inf"), device=groups.device)
-    best = torch.zeros(groups.shape[0], dtype=torch.float16, device=groups.device)
-    for shrink in SHRINK_GRID.tolist():
-        scale = (shrink * absmax / mid).to(torch.float16)  # evaluate the fp16 scale that will be stored
-        step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
-        q = (torch.round(groups / step + mid).clamp(torch.zeros_like(maxq), maxq) - mid) * scale.float()
-        err = (q - groups).square()
-        err = (err if valid is None else err * valid).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best = torch.where(better, scale.squeeze(1), best)
-    return best
+    shrink = SHRINK_GRID.to(groups.device).view(-1, 1, 1)  # [S, 1, 1]
+    scale = (shrink * absmax / mid).to(torch.float16)  # [S, n, 1]: score the fp16 scale that will be stored
+    step = scale.float().clamp_min(torch.finfo(torch.float32).tiny)
+    q = (torch.round(groups / step + mid).clamp(torch.zeros_like(maxq), maxq) - mid) * scale.float()
+    err = (q - groups).square()  # [S, n, G]
+    err = (err if valid is None else err * valid).sum(dim=2)
+    return scale.squeeze(2).gather(0, err.argmin(dim=0, keepdim=True)).squeeze(0)  # first best on ties
 
 
 def _check_finite_scales(scales: torch.Tensor) -> torch.Tensor:
