@@ -135,6 +135,21 @@ def test_stream_usage_chunks_and_done(served):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def test_stream_several_choices_equals_whole_answer(served):
+    server, keys = served
+    client = server.openai(keys["alpha"])
+    args = dict(model="alpha", prompt=PROMPT, max_tokens=6, n=2, temperature=1.0, seed=3)
+    whole = client.completions.create(**args)
+    texts, reasons = {0: "", 1: ""}, {}
+    for chunk in client.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert reasons == {c.index: c.finish_reason for c in whole.choices}
+
+
 def test_usage_logprobs_n_seed(served):
     server, keys = served
     client = server.openai(keys["gamma"])
