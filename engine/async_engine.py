@@ -113,8 +113,11 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                inbox, self._inbox = self._inbox, []
             with self._lock:
+                # Take the inbox under the engine lock: an abort posted before a delta load into its slot is
+                # applied before the next step, so an aborted row never runs with another tenant's delta.
+                with self._wake:
+                    inbox, self._inbox = self._inbox, []
                 outputs = self._apply(inbox)
                 try:
                     outputs += self._engine.step()
