@@ -36,7 +36,11 @@ def create_app(config: ServerConfig) -> FastAPI:
     state = ServerState(config=config, metrics=ServingMetrics())
 
     async def lifespan(app: FastAPI):
-        await _start(state)
+        try:
+            await _start(state)
+        except BaseException:
+            await _stop(state)  # a half-started server must still release the engine and the store's lock
+            raise
         try:
             yield
         finally:

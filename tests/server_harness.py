@@ -42,7 +42,14 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{config.server.port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=config.server.port,
                                                      log_level="warning", timeout_graceful_shutdown=5))
-        self._thread = threading.Thread(target=self._server.run, name="deltaserve-test-server", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="deltaserve-test-server", daemon=True)
+        self.exit_code: int | None = None
+
+    def _serve(self) -> None:
+        try:
+            self._server.run()
+        except SystemExit as exc:  # uvicorn exits 3 when the app's start-up fails
+            self.exit_code = exc.code
 
     @property
     def state(self):
@@ -53,7 +60,7 @@ class LiveServer:
         deadline = time.monotonic() + 180
         while not self._server.started:
             if not self._thread.is_alive():
-                raise RuntimeError("the test server failed to start (see the log above)")
+                raise RuntimeError(f"the test server failed to start, exit code {self.exit_code} (see the log)")
             if time.monotonic() > deadline:
                 raise TimeoutError("the test server did not start within 180 s")
             time.sleep(0.05)

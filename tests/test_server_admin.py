@@ -11,6 +11,7 @@ from store_deltas import make_delta, rewrite
 from tiny_models import make_tiny_model
 
 from deltaserve.delta_store.checkpoint import open_checkpoint
+from deltaserve.server.config import TenantSeed
 
 CHAT = [{"role": "user", "content": "hello world"}]
 
@@ -191,3 +192,21 @@ def test_restart_keeps_store_consistent(tiny_base, files, tmp_path):
         with second.http() as admin:
             assert admin.get("/admin/tenants").json() == tenants
         assert _answer(second, key, "keeper") == answer, "keys and the current version survive a restart"
+
+
+def test_config_seeded_tenants(tiny_base, files, tmp_path):
+    """Tenants named in the config are registered at start-up, once per distinct file; a bad file stops the
+    start with the store left usable."""
+    config = tiny_config(tiny_base, tmp_path / "store")
+    config.tenants = [TenantSeed(name="seeded", delta=files["good"])]
+    for _ in range(2):  # the restart finds the same file: no new version
+        with LiveServer(config) as server, server.http() as admin:
+            assert admin.get("/admin/tenants/seeded").json()["delta"]["version"] == 1
+            assert _answer(server, ADMIN_KEY, "seeded")
+    config.tenants = [TenantSeed(name="seeded", delta=files["nan"])]
+    with pytest.raises(RuntimeError, match="failed to start"):
+        with LiveServer(config):
+            pass
+    config.tenants = []
+    with LiveServer(config) as server, server.http() as admin:
+        assert admin.get("/admin/tenants/seeded").json()["delta"]["version"] == 1
