@@ -42,6 +42,7 @@ class WeightSlots:
         self.lr_rank = [0] * num_slots
         self.dense: torch.Tensor | None = None          # backbone dtype [S, *shape]
         self.kinds: list[set[str]] = [set() for _ in range(num_slots)]
+        self.torch_slots: set[int] = set()              # slots with a lowrank16 or dense delta here
 
     # ---- writing -------------------------------------------------------------------------------------
     def write(self, slot: int, delta: WeightDelta, group_size: int) -> None:
@@ -50,6 +51,7 @@ class WeightSlots:
             self.dense = _grown(self.dense, (self.num_slots, *self.shape), self.dtype, self.device)
             self.dense[slot] = delta.delta.to(self.device, self.dtype)
             self.kinds[slot].add("dense")
+            self.torch_slots.add(slot)
         elif isinstance(delta, SignDelta):
             d_out, d_in = self.shape
             self.sign_bits = _grown(self.sign_bits, (self.num_slots, d_out, num_words(d_in)), torch.int32, self.device)
@@ -113,6 +115,7 @@ class WeightSlots:
         self.lr_u[slot, :rank], self.lr_v[slot, :rank], self.lr_s[slot, :rank] = u, v, s
         self.lr_rank[slot] = rank
         self.kinds[slot].add("lowrank16")
+        self.torch_slots.add(slot)
 
     def clear(self, slot: int) -> None:
         """Zero the slot everywhere, so a stale delta can never leak into the next tenant's rows."""
@@ -124,6 +127,7 @@ class WeightSlots:
                 t[slot] = 0
         self.lr_rank[slot] = 0
         self.kinds[slot].clear()
+        self.torch_slots.discard(slot)
 
     def nbytes(self) -> int:
         tensors = [self.sign_bits, self.sign_scales, self.lr_u, self.lr_v, self.lr_s, self.dense]
@@ -132,11 +136,12 @@ class WeightSlots:
 
     # ---- applying (torch kinds; packed and sign go through the kernels, see layers.DeltaLinear) ----------
     def add_linear(self, y: torch.Tensor, x: torch.Tensor, slot: int, rows: torch.Tensor, offset: int) -> None:
-        """y[rows, offset:offset+d_out] += x[rows] @ delta^T for the torch kinds of this slot."""
+        """y[rows, offset:offset+d_out] += x[rows] @ delta^T for the torch kinds of this slot (in torch_slots)."""
         kinds = self.kinds[slot]
-        if not kinds & {"lowrank16", "dense"}:
-            return
         d_out = self.shape[0]
+        if len(self.shape) == 1:            # a bias: the same vector for every row
+            y[rows, offset : offset + d_out] += self.dense[slot]
+            return
         xs = x[rows].float()
         out = torch.zeros(xs.shape[0], d_out, dtype=torch.float32, device=x.device)
         if "lowrank16" in kinds:

@@ -45,13 +45,12 @@ class DeltaLinear(torch.nn.Module):
                            for w, off in self.parts if w.sign_bits is not None]
             if projections:
                 add_sign_delta(y, x, rows.sign, projections)
-        for slot, idx in rows.groups:
-            for w, off in self.parts:
-                w.add_linear(y, x, slot, idx, off)
-            for b, off in self.biases:
-                db = b.vector(slot)
-                if db is not None:
-                    y[idx, off : off + b.shape[0]] += db
+        # Python loops only over (part, slot) pairs that hold a torch-applied delta: none for packed/sign tenants.
+        for w, off in self.parts + self.biases:
+            if w.torch_slots:
+                for slot, idx in rows.groups:
+                    if slot in w.torch_slots:
+                        w.add_linear(y, x, slot, idx, off)
         return y
 
 
