@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine_fixtures import CASES, METHODS, PROMPTS, greedy, make_engine, make_tenants, merged_greedy, run_to_end
+from engine_fixtures import (CASES, INIT, METHODS, PROMPTS, Tenants, greedy, make_engine, make_tenants, merged_greedy,
+                             run_to_end)
+from tiny_models import make_tiny_model
 
 SLOTS = [-1, 0, 1, 2]
 
@@ -43,3 +45,14 @@ def test_each_tenant_alone_equals_its_row_in_the_mixed_batch(tenants):
     for i, slot in enumerate(SLOTS):
         engine.add_request("alone", list(PROMPTS[i]), greedy(), slot)
         assert run_to_end(engine)["alone"] == mixed[f"r{slot}"]
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path):
+    # original_max_position_embeddings below the generated length, so every frequency band is exercised.
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16}
+    base = make_tiny_model(tmp_path / "llama3", num_key_value_heads=2, rope_scaling=rope, rope_theta=50000.0, **INIT)
+    tenants = Tenants(base, [])
+    engine = make_engine(tenants, max_slots=1)
+    engine.add_request("r", list(PROMPTS[1]), greedy(), -1)
+    assert run_to_end(engine)["r"] == merged_greedy(tenants, -1, list(PROMPTS[1]))

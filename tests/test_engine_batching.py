@@ -75,8 +75,14 @@ def test_seeded_sampling_is_reproducible_across_batches(tenants):
     assert batched["c"] != alone
     engine.add_request("k1", list(PROMPTS[2]), SamplingParams(max_tokens=10, top_k=1, ignore_eos=True), 2)
     engine.add_request("g", list(PROMPTS[2]), greedy(10), 2)
+    engine.add_request("p0", list(PROMPTS[2]), SamplingParams(max_tokens=10, top_p=1e-6, seed=3, ignore_eos=True), 2)
     out = run_to_end(engine)
-    assert out["k1"] == out["g"]
+    assert out["k1"] == out["g"] == out["p0"]
+    # top-k = 3 at a high temperature: every sampled token is among the model's 3 most likely.
+    hot = SamplingParams(max_tokens=24, temperature=5.0, top_k=3, seed=1, logprobs=3, ignore_eos=True)
+    picks = [o.logprobs[0] for o in collect(engine, "hot", list(PROMPTS[3]), hot, 0)]
+    assert all(p.token_id in [t.token_id for t in p.top_logprobs] for p in picks)
+    assert any(p.token_id != p.top_logprobs[0].token_id for p in picks)     # and not always the first
 
 
 def collect(engine, rid, prompt, params, slot):
