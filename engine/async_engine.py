@@ -90,9 +90,11 @@ class AsyncEngine:
 
     # ---- deltas and stats (callable from any thread) -----------------------------------------------
     def load_delta(self, slot: int, delta: DeltaFile) -> None:
-        """Copy a delta into a slot no running request uses; waits for the step in progress to end."""
+        """Copy a delta into a slot no running request uses. The host-to-device copy runs while steps go on;
+        only the device-side copy into the slot waits for the step in progress to end."""
+        staged = self._engine.stage_delta(slot, delta)
         with self._lock:
-            self._engine.load_delta(slot, delta)
+            self._engine.load_delta(slot, staged)
 
     def clear_slot(self, slot: int) -> None:
         with self._lock:

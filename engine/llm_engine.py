@@ -135,10 +135,20 @@ class LLMEngine:
         s.steps_total += 1
 
     # ---- deltas and stats --------------------------------------------------------------------------
-    def load_delta(self, slot: int, delta: DeltaFile) -> None:
+    def check_delta(self, slot: int, delta: DeltaFile) -> None:
+        """Raise ValueError if `delta` cannot go into `slot`; changes nothing."""
         if delta.base_fingerprint != self.base_fingerprint:
             raise ValueError(f"delta was made for base {delta.base_fingerprint}, this engine serves "
                              f"{self.base_fingerprint}")
+        self.runner.bank.check(slot, delta)
+
+    def stage_delta(self, slot: int, delta: DeltaFile) -> DeltaFile:
+        """Checked copy of `delta` on the device, made on a side stream: safe while steps run."""
+        self.check_delta(slot, delta)
+        return self.runner.stage(delta)
+
+    def load_delta(self, slot: int, delta: DeltaFile) -> None:
+        self.check_delta(slot, delta)
         self.runner.bank.load(slot, delta)
 
     def clear_slot(self, slot: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 
 from deltaserve.delta_store.checkpoint import Checkpoint
+from deltaserve.delta_store.format import DeltaFile
+from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.engine.attention import AttentionMetadata
 from deltaserve.engine.config import EngineConfig
 from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
@@ -37,6 +39,17 @@ class ModelRunner:
              torch.zeros(tokens, kv_heads, head_dim, device=self.device, dtype=self.dtype))
             for _ in range(hf.num_hidden_layers)]
         self.kv_cache_bytes = self.num_blocks * self.block_bytes
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def stage(self, delta: DeltaFile) -> DeltaFile:
+        """`delta` with its tensors on the device. On CUDA the host-to-device copies run on their own stream,
+        so a tenant's load overlaps other tenants' decoding instead of queueing in front of it."""
+        if self._copy_stream is None:
+            return map_tensors(delta, lambda t: t.to(self.device))
+        with torch.cuda.stream(self._copy_stream):
+            staged = map_tensors(delta, lambda t: t.to(self.device, non_blocking=True))
+        self._copy_stream.synchronize()
+        return staged
 
     def _blocks_from_memory(self) -> int:
         """Blocks that fit after the backbone and every delta slot filled to capacity (reserved now)."""
