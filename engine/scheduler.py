@@ -21,7 +21,7 @@ class ScheduledBatch:
 
     @property
     def num_prefill_tokens(self) -> int:
-        """Tokens of chunks that do not end in a sample of their own, or longer than one token."""
+        """Tokens of prompt (or recompute) chunks: everything but single-token decodes. Read before the step."""
         return sum(n for seq, n in zip(self.seqs, self.num_tokens) if seq.num_uncomputed > 1)
 
     def __len__(self) -> int:

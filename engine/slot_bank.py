@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltaserve.delta_store.format import DeltaFile, weight_bytes
+from deltaserve.delta_store.format import DeltaFile, LowRankDelta, QuantTier, weight_bytes
 from deltaserve.engine.delta_slots import WeightSlots
 from deltaserve.kernels import SlotMetadata
 
@@ -53,8 +53,8 @@ class SlotBank:
         if counted > self.capacity_bytes:
             raise ValueError(f"delta needs {counted} bytes of weight-matrix deltas, a slot holds "
                              f"{self.capacity_bytes} (slot_bits_per_param too small for this delta)")
-        packed = any(getattr(t, "u_planes", None) is not None for d in delta.weights.values()
-                     for t in getattr(d, "tiers", []))
+        packed = any(isinstance(t, QuantTier) for d in delta.weights.values() if isinstance(d, LowRankDelta)
+                     for t in d.tiers)
         if packed and self.group_size and delta.group_size != self.group_size:
             raise ValueError(f"delta group_size {delta.group_size} differs from the resident deltas' "
                              f"{self.group_size}; recompress with group_size={self.group_size}")
