@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from pathlib import Path
+
 import torch
+from transformers import GenerationConfig
 
 from deltaserve.delta_store.checkpoint import open_checkpoint
 from deltaserve.delta_store.format import DeltaFile
@@ -29,7 +32,8 @@ class LLMEngine:
         self.model_name = checkpoint.path.stem if checkpoint.path.is_file() else checkpoint.path.name
         self.runner = ModelRunner(config, checkpoint)
         self.vocab_size = checkpoint.config.vocab_size
-        self.eos_token_ids = _eos_ids(checkpoint.config.eos_token_id, self.tokenizer.eos_token_id)
+        self.eos_token_ids = _eos_ids(checkpoint.config.eos_token_id, self.tokenizer.eos_token_id,
+                                      _generation_eos(checkpoint.path))
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
@@ -170,6 +174,13 @@ class LLMEngine:
         s.delta_slot_bytes = self.runner.bank.nbytes()
         s.kv_cache_bytes = self.runner.kv_cache_bytes
         return dataclasses.replace(s)
+
+
+def _generation_eos(path: Path) -> int | list[int] | None:
+    """EOS ids of generation_config.json: chat models list their end-of-turn token there (Llama 3 Instruct)."""
+    if not (path / "generation_config.json").is_file():
+        return None
+    return GenerationConfig.from_pretrained(path).eos_token_id
 
 
 def _eos_ids(*values: int | list[int] | None) -> set[int]:
