@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-slots", type=int, help="tenants resident on the device at once")
     p.add_argument("--max-model-len", type=int, help="prompt + completion tokens per request")
+    p.add_argument("--served-model-name", help="the base model's id in the API (default: its file or folder name)")
     p.add_argument("--store-dir", help="registry folder (SQLite + delta files)")
     p.add_argument("--admin-key", help="key for /admin and adapter loading (default: $DELTASERVE_ADMIN_KEY)")
     p.add_argument("--require-api-key", action=argparse.BooleanOptionalAction, default=None,
@@ -49,7 +50,8 @@ def raw_config(args: argparse.Namespace) -> dict[str, Any]:
     overrides = {
         ("engine", "model"): args.model, ("engine", "device"): args.device, ("engine", "dtype"): args.dtype,
         ("engine", "max_slots"): args.max_slots, ("engine", "max_model_len"): args.max_model_len,
-        ("store", "root"): args.store_dir, ("server", "admin_key"): args.admin_key,
+        ("store", "root"): args.store_dir, ("server", "served_model_name"): args.served_model_name,
+        ("server", "admin_key"): args.admin_key,
         ("server", "require_api_key"): args.require_api_key, ("server", "host"): args.host,
         ("server", "port"): args.port,
     }

@@ -3,7 +3,8 @@
 Layout of a config file (every section optional except ``engine.model``)::
 
     engine:   {model: default | DIR | FILE.gguf, device: cpu, dtype: float32, max_slots: 8, ...}  # EngineConfig
-    server:   {host, port, admin_key, require_api_key, tenant_keys_may_use_base, max_upload_bytes}
+    server:   {host, port, served_model_name, admin_key, require_api_key, tenant_keys_may_use_base,
+               max_upload_bytes}
     store:    {root, host_bytes_limit}
     tenants:  [{name, delta, description}]   # registered (or refreshed) at start-up
 
@@ -53,6 +54,8 @@ def parse_bytes(value: int | str, name: str) -> int:
 class HTTPConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    # The base model's id in the API (vLLM's --served-model-name); None: the checkpoint's file or folder name.
+    served_model_name: str | None = None
     # None: taken from $DELTASERVE_ADMIN_KEY; neither set: the admin API answers 401 to everyone.
     admin_key: str | None = None
     # False lets callers without a (valid) key use every model (a local demo); a tenant's key still scopes.

@@ -28,7 +28,7 @@ class ServerState:
 
     @property
     def base_name(self) -> str:
-        return self.engine.model_name
+        return self.config.server.served_model_name or self.engine.model_name
 
 
 def app_state(request: Request) -> ServerState:

@@ -18,6 +18,7 @@ def test_serve_model_and_tenants_from_flags(tiny_base, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [*CLI, "--model", str(tiny_base), "--tenant", f"acme={delta}", "--port", str(port), "--max-model-len", "128",
+         "--served-model-name", "tiny",
          "--store-dir", str(tmp_path / "store"), "--admin-key", "cli-admin-key", "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -34,7 +35,7 @@ def test_serve_model_and_tenants_from_flags(tiny_base, tmp_path):
             time.sleep(0.25)
         # Config-less, like vLLM: no key needed for inference; the admin key guards /admin.
         models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
-        assert models == [tiny_base.name, "acme"]
+        assert models == ["tiny", "acme"]
         reply = httpx.post(f"{url}/v1/completions", json={"model": "acme", "prompt": "hello", "max_tokens": 3})
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
         assert httpx.get(f"{url}/admin/tenants").status_code == 401

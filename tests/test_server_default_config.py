@@ -16,7 +16,7 @@ def test_default_config_serves_smollm2(tmp_path):
     raw["server"]["port"] = free_port()
     with LiveServer(config_from_dict(raw)) as server:
         client = server.openai("EMPTY")
-        base = server.state.base_name
+        base = "SmolLM2-135M-Instruct"  # served_model_name in the config
         assert [m.id for m in client.models.list().data] == [base]
         reply = client.chat.completions.create(
             model=base, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=20,
