@@ -71,8 +71,6 @@ class ModelRunner:
         attn = AttentionMetadata.build(lens, [seq.num_computed + n for seq, n in zip(seqs, lens)],
                                        [seq.block_table for seq in seqs], self.config.block_size, self.device)
         rows = self.bank.rows([seq.slot for seq, n in zip(seqs, lens) for _ in range(n)])
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
-        hidden = self.model(ids, self.kv_caches, attn, rows)
         # A chunk that reaches the end of its sequence's tokens samples the next token from its last row.
         last_rows, sampling = [], []
         end = 0
@@ -81,7 +79,13 @@ class ModelRunner:
             if seq.num_computed + n == len(seq):
                 last_rows.append(end - 1)
                 sampling.append(seq)
+        # Built before the forward pass is queued: building metadata reads the device, which would otherwise
+        # wait for the whole forward pass here.
+        all_decodes = len(last_rows) == len(token_ids)      # every row samples: the same rows, the same metadata
+        sample_rows = rows if all_decodes else self.bank.rows([seq.slot for seq in sampling])
+        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(ids, self.kv_caches, attn, rows)
         if not sampling:
             return [], None
-        picked = hidden[torch.tensor(last_rows, device=self.device)]
-        return sampling, self.model.logits(picked, self.bank.rows([seq.slot for seq in sampling]))
+        picked = hidden.index_select(0, torch.tensor(last_rows, device=self.device))
+        return sampling, self.model.logits(picked, sample_rows)
