@@ -226,6 +226,8 @@ def test_disconnect_mid_stream_aborts(served):
         with http.stream("POST", "/v1/completions", json=body) as response:
             first = next(response.iter_lines())
             assert first.startswith("data: ")
+            with server.http(None) as probe:  # while it streams, the gateway gauge names the tenant as running
+                assert 'running_lora_adapters="beta"' in probe.get("/metrics").text
         # Leaving the block closed the connection after one chunk of 240 tokens.
     deadline = time.monotonic() + 30
     while engine.stats().num_running + engine.stats().num_waiting > 0:
@@ -261,6 +263,12 @@ def test_health_ready_metrics(served):
                  "deltaserve_delta_load_seconds_bucket", "vllm:lora_requests_info"):
         assert name in text, name
     assert 'deltaserve_requests_total{endpoint="chat",tenant="alpha"}' in text
+    # Three tenants went through two slots: loads, misses and at least one eviction were counted.
+    for event in ("load", "miss", "eviction"):
+        assert f'deltaserve_delta_tier_events_total{{event="{event}",tier="gpu"}}' in text, event
+    assert 'deltaserve_delta_resident{tier="gpu"} 2.0' in text
+    assert re.search(r'^vllm:lora_requests_info\{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""\} ',
+                     text, re.M)
 
 
 def test_grafana_panels_use_exported_metrics(served):
