@@ -37,7 +37,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
-        self._arrivals = itertools.count()
+        self._request_count = itertools.count()      # seeds requests that bring no seed
         self._stats = EngineStats()
 
     # ---- requests ----------------------------------------------------------------------------------
@@ -64,10 +64,10 @@ class LLMEngine:
         self.validate(prompt_token_ids, params, slot)
         generator = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._arrivals)))
+            seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._request_count)))
             generator = torch.Generator(device=self.runner.device).manual_seed(seed & (2**63 - 1))
         detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
-        seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer, next(self._arrivals))
+        seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer)
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 

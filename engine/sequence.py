@@ -25,7 +25,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, slot: int,
-                 generator: torch.Generator | None, detokenizer: Detokenizer, arrival: int):
+                 generator: torch.Generator | None, detokenizer: Detokenizer):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -33,7 +33,6 @@ class Sequence:
         self.slot = slot
         self.generator = generator          # None for greedy requests
         self.detokenizer = detokenizer
-        self.arrival = arrival              # admission order: the newest running sequence is preempted first
         self.status = SequenceStatus.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
@@ -44,10 +43,6 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
 
     @property
     def num_uncomputed(self) -> int:
