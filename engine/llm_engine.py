@@ -96,7 +96,8 @@ class LLMEngine:
             return []
         tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
         want = [s.params.logprobs for s in sampling if s.params.logprobs is not None]
-        lp = logprobs(logits, tokens, max(want)) if want else None
+        # One device-to-host copy for the whole batch, not one per row.
+        lp = tuple(t.tolist() for t in logprobs(logits, tokens, max(want))) if want else None
         token_list = tokens.tolist()
         outputs = []
         for i, (seq, token) in enumerate(zip(sampling, token_list)):
@@ -123,13 +124,15 @@ class LLMEngine:
         return RequestOutput(seq.request_id, tokens, seq.detokenizer.take(reason is not None), lps,
                              reason is not None, reason, seq.num_prompt_tokens, seq.num_completion_tokens)
 
-    def _logprob_entry(self, lp, row: int, token: int, top_n: int | None) -> TokenLogprob | None:
+    def _logprob_entry(self, lp: tuple[list, list, list], row: int, token: int,
+                       top_n: int | None) -> TokenLogprob | None:
+        """lp: host lists (chosen [B], top values [B][n], top ids [B][n]) from sampler.logprobs."""
         if top_n is None:
             return None
         chosen, top_values, top_ids = lp
         top = [TopLogprob(t, self.tokenizer.decode([t]), v)
-               for t, v in zip(top_ids[row, :top_n].tolist(), top_values[row, :top_n].tolist())]
-        return TokenLogprob(token, self.tokenizer.decode([token]), float(chosen[row]), top)
+               for t, v in zip(top_ids[row][:top_n], top_values[row][:top_n])]
+        return TokenLogprob(token, self.tokenizer.decode([token]), chosen[row], top)
 
     def _record(self, seqs: list[Sequence], num_prefill: int) -> None:
         s = self._stats
