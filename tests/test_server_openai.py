@@ -224,8 +224,8 @@ def test_disconnect_mid_stream_aborts(served):
             "ignore_eos": True}
     with server.http(keys["beta"]) as http:
         with http.stream("POST", "/v1/completions", json=body) as response:
-            first = next(response.iter_lines())
-            assert first.startswith("data: ")
+            lines = response.iter_lines()  # kept referenced: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")
             with server.http(None) as probe:  # while it streams, the gateway gauge names the tenant as running
                 assert 'running_lora_adapters="beta"' in probe.get("/metrics").text
         # Leaving the block closed the connection after one chunk of 240 tokens.
