@@ -2,6 +2,7 @@
 version keeps serving), restart consistency, vLLM adapter endpoints, pinning, server-side compression."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -210,3 +211,27 @@ def test_config_seeded_tenants(tiny_base, files, tmp_path):
     config.tenants = []
     with LiveServer(config) as server, server.http() as admin:
         assert admin.get("/admin/tenants/seeded").json()["delta"]["version"] == 1
+
+
+def test_delete_and_replace_while_streaming(server, files):
+    """A stream that holds a tenant's slot finishes on the delta it started with, whatever happens meanwhile."""
+    key = server.add_tenant("busy", files["good"])
+    body = {"model": "busy", "prompt": "hello world", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    with server.http(key) as http:
+        whole = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+        with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            with server.http() as admin:
+                admin.put("/admin/tenants/busy/delta", content=files["other"].read_bytes()).raise_for_status()
+                admin.delete("/admin/tenants/busy").raise_for_status()
+            # Still streaming: the deleted tenant's old copy stays in its slot, held by this stream only.
+            held = [s for s in server.state.cache.stats().slots if s.tenant == "busy"]
+            assert [(s.stale, s.refcount) for s in held] == [(True, 1)]
+            rest = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "[DONE]"
+    streamed = "".join(json.loads(e)["choices"][0]["text"] for e in rest[:-1])
+    assert whole.endswith(streamed) and len(streamed) > 0
+    with server.http() as admin:
+        _error(admin.post("/v1/completions", json=body), 404, "model_not_found")
+    assert not [s for s in server.state.cache.stats().slots if s.tenant == "busy"], "freed at the last release"
