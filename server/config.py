@@ -1,6 +1,6 @@
 """Typed server configuration: a YAML file (or CLI flags) loaded into dataclasses and validated up front.
 
-Layout of a config file (every section optional except ``engine.model``)::
+Layout of a config file (every section and key optional; the model defaults to the embedded SmolLM2)::
 
     engine:   {model: default | DIR | FILE.gguf, device: cpu, dtype: float32, max_slots: 8, ...}  # EngineConfig
     server:   {host, port, served_model_name, admin_key, require_api_key, tenant_keys_may_use_base,
@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from deltaserve.delta_store.checkpoint import default_model_path
 from deltaserve.engine import EngineConfig
 
 ADMIN_KEY_ENV = "DELTASERVE_ADMIN_KEY"
@@ -130,8 +131,6 @@ def _build(cls: type, raw: Any, section: str):
 
 def resolve_model(model: str | None) -> str:
     if model in (None, "", DEFAULT_MODEL):
-        from deltaserve.delta_store.checkpoint import default_model_path
-
         return str(default_model_path())
     return str(Path(model).expanduser())
 
