@@ -1,9 +1,10 @@
 """Expand: y[:, off : off + d_out] += z @ U summed over a projection's tiers, in place, for every row's slot.
 
-Grid: (row tile of one slot's segment, block of output columns, projection). A program walks all tiers
-of its projection and their ranks, unpacking U's bit planes in registers, and adds its fp32 sum to y
-once. An N tile never spans two scale groups, so each rank's group scale folds into z's column (fp32,
-tf32 on the tensor cores) and the centred codes stay exact.
+Grid: (row tile of one slot's segment x SPLIT_R, block of output columns, projection). A program walks
+every SPLIT_R-th rank block of all tiers of its projection, unpacking U's bit planes in registers, and adds
+its fp32 sum atomically into an fp32 workspace, which then goes into y with one rounding. An N tile never
+spans two scale groups, so each rank's group scale folds into z's column (fp32, tf32 on the tensor cores)
+and the centred codes stay exact.
 """
 from __future__ import annotations
 
@@ -13,25 +14,27 @@ import triton.language as tl
 
 from deltaserve.delta_store.packing import dequantize
 
-from .bitplanes import unpack_tile
+from .bitplanes import centred_codes, unpack_tile
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
                            T_RANK_CAP, T_RANKS, T_U_PLANES, T_U_SCALES, T_Z_COL, TIER_COLS, LowRankPlan,
                            z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import block_m_for, expand_configs, prune_to_group
+from .tuning import block_m_for, expand_configs, prune_to_group, work_bucket
+from .workspace import add_workspace, fp32_workspace
 
 
-@triton.autotune(configs=expand_configs(), key=["max_d_out", "BLOCK_M"], restore_value=["y_ptr"],
+@triton.autotune(configs=expand_configs(), key=["max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
                  prune_configs_by={"early_config_prune": prune_to_group("BLOCK_N")})
 @triton.jit
 def _expand_kernel(
-    y_ptr, z_ptr, tiers_ptr, projs_ptr,
+    ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    group_size, max_d_out, stride_ym, stride_zm,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    group_size, max_d_out, work, stride_wm, stride_zm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
 ):
-    pid_m, pid_n, proj = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
+    split = tl.program_id(0) % SPLIT_R  # this program takes rank blocks split, split + SPLIT_R, ... of each tier
     pdesc = projs_ptr + proj * PROJ_COLS
     d_out = tl.load(pdesc + P_D_OUT).to(tl.int32)
     n0 = pid_n * BLOCK_N
@@ -57,8 +60,7 @@ def _expand_kernel(
         z_col = tl.load(desc + T_Z_COL).to(tl.int32)
         planes = tl.load(desc + T_U_PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
         scales = tl.load(desc + T_U_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
-        centre = ((1 << nbits) - 1).to(tl.float32) * 0.5
-        for r0 in range(0, rank, BLOCK_R):
+        for r0 in range(split * BLOCK_R, rank, SPLIT_R * BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
             zt = tl.load(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :],
@@ -66,11 +68,9 @@ def _expand_kernel(
             scale = tl.load(scales + offs_r * n_groups + n0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
             codes = unpack_tile(planes, rank_cap * n_words, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
                                 BLOCK_R, BLOCK_N)  # [R, N]
-            acc += tl.dot(zt * scale[None, :], codes.to(tl.float32) - centre)
-    out = y_ptr + rows[:, None] * stride_ym + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
-    mask = m_mask[:, None] & (offs_n < d_out)[None, :]
-    y = tl.load(out, mask=mask)
-    tl.store(out, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+            acc += tl.dot(zt * (0.5 * scale)[None, :], centred_codes(codes, nbits, tl.float32))
+    out = ws_ptr + rows[:, None] * stride_wm + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
+    tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :])
 
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> None:
@@ -79,13 +79,16 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m = block_m_for(meta.max_seg_len)
     blk_seg, blk_start = meta.blocks(block_m)
-    grid = lambda cfg: (blk_seg.shape[0], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]), plan.projections.shape[0])
+    ws = fp32_workspace(y)
+    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_R"], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]),
+                        plan.projections.shape[0])
     _expand_kernel[grid](
-        y, z, plan.tiers, plan.projections,
+        ws, z, plan.tiers, plan.projections,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        group_size, plan.max_d_out, y.stride(0), z.stride(0),
+        group_size, plan.max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), z.stride(0),
         BLOCK_M=block_m,
     )
+    add_workspace(y, ws)
 
 
 def expand_reference(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, projections: list[LowRankProjection],

@@ -1,9 +1,13 @@
 """Shrink: z = (x @ V^T) * s for every row's slot, every tier of every stacked projection, in one launch.
 
-Grid: (row tile of one slot's segment, tier, block of ranks). A program streams its slot's V bit planes
-along d_in, unpacks them in registers at the slot's bit-width, and multiplies the centred codes (exact in
-fp16/bf16: half-integers below 128) by the x tile on the tensor cores; the group scale is applied to the
-fp32 partial product, which is exact because a K tile never spans two scale groups. z stays fp32.
+Grid: (row tile of one slot's segment x SPLIT_K pieces of d_in, tier, block of ranks). A program streams its
+slot's V bit planes along its piece of d_in, unpacks them in registers at the slot's bit-width, and multiplies
+the centred codes (exact in fp16/bf16: half-integers below 128, kept doubled as odd integers) by the x tile on
+the tensor cores; the group scale is applied to the fp32 partial product, which is exact because a K tile
+never spans two scale groups.
+z stays fp32 (Punica lost accuracy keeping it in half); the SPLIT_K partial sums meet in it atomically.
+Decode and prefill share this kernel: the row tile (BLOCK_M, 16..64) holds a whole decode segment, so rows
+sharing a slot read its bytes once; prefill segments take several tiles.
 """
 from __future__ import annotations
 
@@ -13,24 +17,27 @@ import triton.language as tl
 
 from deltaserve.delta_store.packing import dequantize
 
-from .bitplanes import unpack_tile
+from .bitplanes import centred_codes, unpack_tile
 from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL,
                            TIER_COLS, LowRankPlan, z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import block_m_for, dot_dtype, prune_to_group, shrink_configs
+from .tuning import block_m_for, dot_dtype, prune_to_group, shrink_configs, work_bucket
 
 
-@triton.autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "BLOCK_M"],
+@triton.autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
                  prune_configs_by={"early_config_prune": prune_to_group("BLOCK_K")})
 @triton.jit
 def _shrink_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, group_size, max_rank_cap, stride_xm, stride_zm,
+    d_in, group_size, max_rank_cap, work, stride_xm, stride_zm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid_m, tier, pid_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
+    k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
+    k_begin = (tl.program_id(0) % SPLIT_K) * k_chunk
     desc = tiers_ptr + tier * TIER_COLS
     rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
     r0 = pid_r * BLOCK_R
@@ -56,37 +63,37 @@ def _shrink_kernel(
     slot64 = slot.to(tl.int64)
     planes = tl.load(desc + T_V_PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
     scales = tl.load(desc + T_V_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
-    centre = ((1 << nbits) - 1).to(tl.float32) * 0.5
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
         codes = unpack_tile(planes, rank_cap * n_words, n_words, offs_r, r_mask, k0 // 32, n_words, nbits,
                             BLOCK_R, BLOCK_K)  # [R, K]
-        q = (codes.to(tl.float32) - centre).to(DOT_DTYPE)
+        q2 = centred_codes(codes, nbits, DOT_DTYPE)  # 2 * (code - centre)
         scale = tl.load(scales + offs_r * n_groups + k0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
-        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(q)) * scale[None, :]
+        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(q2)) * (0.5 * scale)[None, :]
     s = tl.load(tl.load(desc + T_S).to(tl.pointer_type(tl.float32)) + slot64 * rank_cap + offs_r,
                 mask=r_mask, other=0.0)
-    tl.store(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * s[None, :],
-             mask=m_mask[:, None] & r_mask[None, :])
+    tl.atomic_add(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * s[None, :],
+                  mask=m_mask[:, None] & r_mask[None, :])
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> torch.Tensor:
     """x [B, d_in] fp16/bf16/fp32 -> z fp32 [B, plan.z_width]. Only (row, column) pairs of a row's slot within
-    that slot's rank are written; the rest of z is left as allocated (expand never reads it)."""
-    z = torch.empty(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
+    that slot's rank are written (the rest stays 0; expand never reads it)."""
+    z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
     if not meta.seg_lens_host or plan.max_rank_cap == 0:
         return z
     block_m = block_m_for(meta.max_seg_len)
     blk_seg, blk_start = meta.blocks(block_m)
-    grid = lambda cfg: (blk_seg.shape[0], plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, cfg["BLOCK_R"]))
+    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], plan.tiers.shape[0],
+                        triton.cdiv(plan.max_rank_cap, cfg["BLOCK_R"]))
     _shrink_kernel[grid](
         x, z, plan.tiers,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], group_size, plan.max_rank_cap, x.stride(0), z.stride(0),
+        x.shape[1], group_size, plan.max_rank_cap, work_bucket(blk_seg.shape[0]), x.stride(0), z.stride(0),
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
     )
     return z

@@ -1,8 +1,9 @@
 """BitDelta: y[:, off : off + d_out] += scale[slot] * x @ sign[slot]^T, batched over slots and projections.
 
-Grid: (row tile of one slot's segment, block of output rows of the sign matrix, projection). The 1-bit
-signs unpack in registers to +-1 (exact in fp16/bf16) and go through tl.dot with the x tile; the per-slot
-scale is applied once to the fp32 sum.
+Grid: (row tile of one slot's segment x SPLIT_K pieces of d_in, block of output rows of the sign matrix,
+projection). The 1-bit signs unpack in registers to +-1 (exact in fp16/bf16) and go through tl.dot with the
+x tile; the per-slot scale is applied to the fp32 partial sum, added atomically into an fp32 workspace that
+then goes into y with one rounding.
 """
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import triton.language as tl
 
 from deltaserve.delta_store.packing import unpack_bitplanes
 
-from .bitplanes import unpack_tile
+from .bitplanes import centred_codes, unpack_tile
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import block_m_for, dot_dtype, sign_configs
+from .tuning import block_m_for, dot_dtype, sign_configs, work_bucket
+from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
 S_SIGNS = tl.constexpr(0)
@@ -26,15 +28,18 @@ S_D_OUT = tl.constexpr(3)
 SIGN_COLS = tl.constexpr(4)
 
 
-@triton.autotune(configs=sign_configs(), key=["d_in", "max_d_out", "BLOCK_M"], restore_value=["y_ptr"])
+@triton.autotune(configs=sign_configs(), key=["d_in", "max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"])
 @triton.jit
 def _sign_kernel(
-    y_ptr, x_ptr, projs_ptr,
+    ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, max_d_out, stride_ym, stride_xm,
+    d_in, max_d_out, work, stride_wm, stride_xm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    pid_m, pid_n, proj = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
+    k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
+    k_begin = (tl.program_id(0) % SPLIT_K) * k_chunk
     desc = projs_ptr + proj * SIGN_COLS
     d_out = tl.load(desc + S_D_OUT).to(tl.int32)
     n0 = pid_n * BLOCK_N
@@ -51,17 +56,15 @@ def _sign_kernel(
     signs = tl.load(desc + S_SIGNS).to(tl.pointer_type(tl.int32)) + slot * d_out * n_words
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
         bit = unpack_tile(signs, 0, n_words, offs_n, n_mask, k0 // 32, n_words, 1, BLOCK_N, BLOCK_K)  # [N, K]
-        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans((2 * bit - 1).to(DOT_DTYPE)))
+        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(centred_codes(bit, 1, DOT_DTYPE)))  # 2 * bit - 1
     scale = tl.load(tl.load(desc + S_SCALES).to(tl.pointer_type(tl.float32)) + slot)
-    out = y_ptr + rows[:, None] * stride_ym + (tl.load(desc + S_OUT_OFFSET) + offs_n)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(out, mask=mask)
-    tl.store(out, (y.to(tl.float32) + acc * scale).to(y.dtype), mask=mask)
+    out = ws_ptr + rows[:, None] * stride_wm + (tl.load(desc + S_OUT_OFFSET) + offs_n)[None, :]
+    tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])
 
 
 def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
@@ -75,13 +78,15 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
     max_d_out = max(p.d_out for p in projections)
     block_m = block_m_for(meta.max_seg_len)
     blk_seg, blk_start = meta.blocks(block_m)
-    grid = lambda cfg: (blk_seg.shape[0], triton.cdiv(max_d_out, cfg["BLOCK_N"]), len(projections))
+    ws = fp32_workspace(y)
+    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], triton.cdiv(max_d_out, cfg["BLOCK_N"]), len(projections))
     _sign_kernel[grid](
-        y, x, table,
+        ws, x, table,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], max_d_out, y.stride(0), x.stride(0),
+        x.shape[1], max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), x.stride(0),
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
     )
+    add_workspace(y, ws)
 
 
 def add_sign_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,

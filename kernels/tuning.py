@@ -1,7 +1,7 @@
 """Autotune configs of the delta kernels (H100/H200), as functions so the interpreter gets one small config.
 
-Keys are the weight shapes and the row-tile height, never the token count, so a new batch size does not
-retune or recompile. Tiles along a quantized axis must fit inside one scale group (group_size is a multiple
+Keys are the weight shapes, the row-tile height and a power-of-two bucket of the row-tile count (the best
+split depends on it), never the token count itself, so a new batch size rarely retunes and never recompiles. Tiles along a quantized axis must fit inside one scale group (group_size is a multiple
 of 32): pruned below.
 """
 from __future__ import annotations
@@ -17,32 +17,44 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(meta: tuple[str, str], rows: list[tuple[int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({meta[0]: a, meta[1]: b}, num_warps=w, num_stages=s) for a, b, w, s in rows]
+def _configs(names: tuple[str, str, str], rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config(dict(zip(names, (a, b, c))), num_warps=w, num_stages=st) for a, b, c, w, st in rows]
 
 
+# Decode is latency-bound before it is bandwidth-bound: a program walks d_in (or the ranks) one tile after
+# another, each tile a chain of dependent loads, so few slots mean few programs and long chains. SPLIT
+# cuts the walk into pieces run by separate programs that add their partial sums atomically (fp32).
 def shrink_configs() -> list[triton.Config]:
-    """BLOCK_R ranks x BLOCK_K input elements of V per step."""
+    """BLOCK_R ranks x BLOCK_K input elements of V per step, d_in split SPLIT_K ways."""
+    names = ("BLOCK_R", "BLOCK_K", "SPLIT_K")
     if _interpreting():
-        return _configs(("BLOCK_R", "BLOCK_K"), [(16, 32, 4, 1)])
-    return _configs(("BLOCK_R", "BLOCK_K"), [(16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 128, 8, 3),
-                                             (32, 128, 8, 4), (16, 64, 4, 4), (64, 64, 4, 3)])
+        return _configs(names, [(16, 32, 2, 4, 1)])
+    return _configs(names, [(32, 128, 1, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 128, 8, 4, 3),
+                            (64, 128, 4, 4, 3), (32, 64, 8, 4, 3), (16, 128, 16, 4, 3), (64, 128, 8, 8, 3)])
 
 
 def expand_configs() -> list[triton.Config]:
-    """BLOCK_R ranks x BLOCK_N output elements of U per step."""
+    """BLOCK_R ranks x BLOCK_N output elements of U per step, rank blocks dealt out SPLIT_R ways."""
+    names = ("BLOCK_R", "BLOCK_N", "SPLIT_R")
     if _interpreting():
-        return _configs(("BLOCK_R", "BLOCK_N"), [(16, 32, 4, 1)])
-    return _configs(("BLOCK_R", "BLOCK_N"), [(32, 128, 4, 3), (64, 128, 8, 3), (16, 128, 4, 3), (32, 64, 4, 3),
-                                             (64, 64, 4, 3), (128, 128, 8, 3), (64, 32, 4, 4)])
+        return _configs(names, [(16, 32, 2, 4, 1)])
+    return _configs(names, [(32, 128, 1, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3), (64, 128, 4, 8, 3),
+                            (16, 128, 8, 4, 3), (32, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 128, 16, 4, 3)])
 
 
 def sign_configs() -> list[triton.Config]:
-    """BLOCK_N output rows x BLOCK_K input elements of the sign matrix per step."""
+    """BLOCK_N output rows x BLOCK_K input elements of the sign matrix per step, d_in split SPLIT_K ways."""
+    names = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
     if _interpreting():
-        return _configs(("BLOCK_N", "BLOCK_K"), [(16, 32, 4, 1)])
-    return _configs(("BLOCK_N", "BLOCK_K"), [(64, 128, 4, 3), (128, 128, 8, 3), (64, 256, 8, 3), (32, 256, 4, 3),
-                                             (128, 256, 8, 4), (32, 128, 4, 4)])
+        return _configs(names, [(16, 32, 2, 4, 1)])
+    return _configs(names, [(64, 128, 1, 4, 3), (64, 128, 4, 4, 3), (64, 256, 4, 8, 3), (128, 128, 4, 8, 3),
+                            (64, 128, 8, 4, 3), (32, 256, 8, 4, 3)])
+
+
+def work_bucket(num_row_tiles: int) -> int:
+    """Autotune key for how many row tiles (roughly, distinct slots) a launch has: the best SPLIT depends on
+    it. Powers of two up to 64, so a new batch size rarely means a new tuning run."""
+    return min(triton.next_power_of_2(max(num_row_tiles, 1)), 64)
 
 
 def prune_to_group(axis: str):

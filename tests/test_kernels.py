@@ -28,6 +28,7 @@ ROW_CASES = {
     "all_base": [-1] * 4,
     "every_row_own_slot": [3, 0, 2, 1],
     "mixed_with_base": [2, -1, 0, 0, 3, 2, -1, 0, 1],
+    "prefill_segments": [1] * 20 + [-1, 0, 0, 3] + [1] * 19,  # slot 1 spans two 32-row tiles
 }
 
 
@@ -138,7 +139,8 @@ def test_reference_equals_dense_delta(gen) -> None:
     x = torch.randn(3, D_IN, generator=g)
     y0 = torch.randn(3, d_out, generator=g)
     y = y0.clone()
-    add_lowrank_delta(y, x, SlotMetadata.build(torch.tensor([0, 1, 0]), 2), [LowRankProjection(0, d_out, slot_tiers)], G)
+    meta = SlotMetadata.build(torch.tensor([0, 1, 0]), 2)
+    add_lowrank_delta(y, x, meta, [LowRankProjection(0, d_out, slot_tiers)], G)
     torch.testing.assert_close(y[[0, 2]], y0[[0, 2]] + x[[0, 2]] @ dense.T, msg=f"seed {seed}")
     assert torch.equal(y[1], y0[1]), f"seed {seed}: slot with rank 0 changed its row"
 
