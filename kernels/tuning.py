@@ -1,8 +1,8 @@
 """Autotune configs of the delta kernels (H100/H200), as functions so the interpreter gets one small config.
 
 Keys are the weight shapes, the row-tile height and a power-of-two bucket of the row-tile count (the best
-split depends on it), never the token count itself, so a new batch size rarely retunes and never recompiles. Tiles along a quantized axis must fit inside one scale group (group_size is a multiple
-of 32): pruned below.
+split depends on it), never the token count itself, so a new batch size rarely retunes and never recompiles.
+Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): pruned below.
 """
 from __future__ import annotations
 
