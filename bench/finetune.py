@@ -29,6 +29,8 @@ def load_base(path: Path, device: str, dtype: torch.dtype = torch.float32):
     # GGUF weights arrive dequantized; drop the GGUF quantizer so the fine-tune saves as plain safetensors.
     model.hf_quantizer = None
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.pad_token is None:  # batched generation pads on the left; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
