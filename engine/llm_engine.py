@@ -67,7 +67,8 @@ class LLMEngine:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._request_count)))
             generator = torch.Generator(device=self.runner.device).manual_seed(seed & (2**63 - 1))
         detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
-        seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer)
+        generation = self.runner.bank.generation[slot] if slot >= 0 else 0
+        seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer, (slot, generation))
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -91,6 +92,7 @@ class LLMEngine:
         sampling, logits = self.runner.run(batch)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
+            self.blocks.register(seq)
         self._record(batch.seqs, num_prefill)
         if not sampling:
             return []

@@ -27,6 +27,10 @@ class ScheduledBatch:
     def __len__(self) -> int:
         return len(self.seqs)
 
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_tokens.append(n)
+
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
@@ -58,26 +62,22 @@ class Scheduler:
                     break
             if seq.status is SequenceStatus.WAITING:
                 break
-            self._add_to_batch(batch, seq, n)
+            self.blocks.grow(seq, seq.num_computed + n)
+            batch.add(seq, n)
             budget -= n
             i += 1
         # After a preemption the cache is full: admitting new work now would only preempt again.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, n):
+            n = self.blocks.admit(seq, budget)      # starts after the prefix already in the cache
+            if n is None:
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self._add_to_batch(batch, seq, n)
+            batch.add(seq, n)
             budget -= n
         return batch
-
-    def _add_to_batch(self, batch: ScheduledBatch, seq: Sequence, n: int) -> None:
-        self.blocks.grow(seq, seq.num_computed + n)
-        batch.seqs.append(seq)
-        batch.num_tokens.append(n)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.free(seq)

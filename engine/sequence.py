@@ -25,7 +25,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, slot: int,
-                 generator: torch.Generator | None, detokenizer: Detokenizer):
+                 generator: torch.Generator | None, detokenizer: Detokenizer, cache_key: tuple[int, int]):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -36,6 +36,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed = 0
         self.block_table: list[int] = []
+        self.cache_key = cache_key          # (slot, its load generation): whose K/V these blocks hold
+        self.block_names: list[int] = []    # prefix-cache names of the filled blocks (see BlockManager)
 
     def __len__(self) -> int:
         return len(self.token_ids)

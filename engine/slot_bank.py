@@ -34,6 +34,7 @@ class SlotBank:
         # 1-D deltas (norms, biases) are a few KB and are not counted.
         self.capacity_bytes = int(bits_per_param * sum(matrices) / 8) + _PER_MATRIX_ALLOWANCE * len(matrices)
         self.group_size = 0
+        self.generation = [0] * num_slots       # bumped on every load/clear: K/V cached under a slot expire
         self._kind_slots: dict[str, set[int]] = {"packed": set(), "sign": set()}
 
     def slot_bytes(self, delta: DeltaFile) -> int:
@@ -72,6 +73,7 @@ class SlotBank:
             self.group_size = delta.group_size
 
     def clear(self, slot: int) -> None:
+        self.generation[slot] += 1
         for w in self.weights.values():
             w.clear(slot)
         for slots in self._kind_slots.values():

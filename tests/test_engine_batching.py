@@ -160,3 +160,23 @@ def test_async_engine_streams_aborts_and_reports(tenants, solo):
     assert a[0] == solo[0, 0] and b[0] == solo[1, 2] and d[0] == solo[2, -1]
     assert a[1].finished and a[1].finish_reason == "length" and a[1].num_completion_tokens == 32
     assert stats.kv_blocks_used == 0 and stats.steps_total > 0 and stats.backbone_bytes > 0
+
+
+def test_prefix_cache_is_shared_within_a_tenant_only(tenants, solo):
+    engine = make_engine(tenants)
+    blocks = engine.blocks
+    engine.add_request("first", list(PROMPTS[1]), greedy(), 0)
+    assert run_to_end(engine)["first"] == solo[1, 0] and blocks.num_cached_tokens == 0
+    # Same tenant, same prompt: its two full blocks (of 4 tokens) come from the cache, tokens unchanged.
+    engine.add_request("again", list(PROMPTS[1]), greedy(), 0)
+    assert run_to_end(engine)["again"] == solo[1, 0] and blocks.num_cached_tokens == 8
+    # Another tenant (or the base) never reads tenant 0's K/V.
+    engine.add_request("other", list(PROMPTS[1]), greedy(), 1)
+    engine.add_request("base", list(PROMPTS[1]), greedy(), -1)
+    out = run_to_end(engine)
+    assert out["other"] == solo[1, 1] and out["base"] == solo[1, -1] and blocks.num_cached_tokens == 8
+    # Reloading the slot (a new tenant, or a new version) expires what was cached under it.
+    engine.load_delta(0, tenants.deltas[0])
+    engine.add_request("reloaded", list(PROMPTS[1]), greedy(), 0)
+    assert run_to_end(engine)["reloaded"] == solo[1, 0] and blocks.num_cached_tokens == 8
+    assert engine.stats().kv_blocks_used == 0
