@@ -4,7 +4,8 @@ Kinds and how they are applied:
 - packed: quantized low-rank tiers (deltacome), `PackedTierSlots` per tier -> kernels.add_lowrank_delta
 - sign: BitDelta sign bits + one scale -> kernels.add_sign_delta
 - lowrank16: fp16 low-rank factors (svd), all tiers concatenated along the rank -> torch per slot
-- dense: full deltas in the backbone dtype (the dense method, every 1-D tensor) -> torch per slot
+- dense: full deltas in the backbone dtype -> 2-D (the dense method): torch per slot; 1-D (norms, biases):
+  one gather by row slot for the whole batch
 Buffers are `[S, ...]` with S = max_slots, allocated the first time a delta of that kind arrives for this
 weight and grown (rank, bits, tiers) when a later delta needs more; a slot without a delta of a kind has
 rank 0 / zeros there, so the kernels add nothing for it.
@@ -139,9 +140,6 @@ class WeightSlots:
         """y[rows, offset:offset+d_out] += x[rows] @ delta^T for the torch kinds of this slot (in torch_slots)."""
         kinds = self.kinds[slot]
         d_out = self.shape[0]
-        if len(self.shape) == 1:            # a bias: the same vector for every row
-            y[rows, offset : offset + d_out] += self.dense[slot]
-            return
         xs = x[rows].float()
         out = torch.zeros(xs.shape[0], d_out, dtype=torch.float32, device=x.device)
         if "lowrank16" in kinds:
@@ -153,9 +151,13 @@ class WeightSlots:
             out += xs @ self.dense[slot].float().T
         y[rows, offset : offset + d_out] += out.to(y.dtype)
 
-    def vector(self, slot: int) -> torch.Tensor | None:
-        """The 1-D delta of this slot (norm weight or bias), or None."""
-        return self.dense[slot] if "dense" in self.kinds[slot] else None
+    def row_vectors(self, row_slots: torch.Tensor) -> torch.Tensor | None:
+        """The 1-D delta (norm weight or bias) of each row's slot [B, d], zeros for base rows; None if no slot
+        has one. One gather for the whole batch, however many tenants it mixes."""
+        if not self.torch_slots:
+            return None
+        picked = self.dense.index_select(0, row_slots.clamp(min=0))
+        return picked.masked_fill((row_slots < 0)[:, None], 0)
 
     def embedding_rows(self, slot: int, token_ids: torch.Tensor) -> torch.Tensor | None:
         """delta[token_ids] [n, d_in] of an embedding matrix [vocab, hidden] in fp32, or None if no delta."""

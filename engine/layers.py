@@ -45,8 +45,12 @@ class DeltaLinear(torch.nn.Module):
                            for w, off in self.parts if w.sign_bits is not None]
             if projections:
                 add_sign_delta(y, x, rows.sign, projections)
+        for b, off in self.biases:
+            db = b.row_vectors(rows.row_slots)
+            if db is not None:
+                y[:, off : off + b.shape[0]] += db
         # Python loops only over (part, slot) pairs that hold a torch-applied delta: none for packed/sign tenants.
-        for w, off in self.parts + self.biases:
+        for w, off in self.parts:
             if w.torch_slots:
                 for slot, idx in rows.groups:
                     if slot in w.torch_slots:
@@ -55,7 +59,7 @@ class DeltaLinear(torch.nn.Module):
 
 
 class DeltaRMSNorm(torch.nn.Module):
-    """RMSNorm whose weight is w + delta_w[slot] per row (computed as the merged weight, so it is exact)."""
+    """RMSNorm whose weight is w + delta_w[slot] per row."""
 
     def __init__(self, slots: WeightSlots, eps: float, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -68,13 +72,9 @@ class DeltaRMSNorm(torch.nn.Module):
         x = x.float()
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         weight = self.weight
-        if rows is not None:
-            deltas = [(idx, self.slots.vector(slot)) for slot, idx in rows.groups]
-            if any(d is not None for _, d in deltas):
-                weight = self.weight.expand_as(x).clone()
-                for idx, d in deltas:
-                    if d is not None:
-                        weight[idx] = self.weight + d
+        delta = self.slots.row_vectors(rows.row_slots) if rows is not None else None
+        if delta is not None:
+            weight = self.weight + delta        # the merged weight per row, so the product matches a merged model
         return weight * x
 
 

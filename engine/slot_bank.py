@@ -18,6 +18,7 @@ _PER_MATRIX_ALLOWANCE = 8
 class DeltaRows:
     """Which slot each row of one forward pass uses, prepared once per step and read by every layer."""
 
+    row_slots: torch.Tensor                    # int64 [B] slot of each row, -1 = base
     groups: list[tuple[int, torch.Tensor]]     # (slot, row indices) for each distinct slot >= 0
     packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
@@ -93,7 +94,8 @@ class SlotBank:
         if not by_slot:
             return None
         groups = [(slot, torch.tensor(rows, device=self.device)) for slot, rows in sorted(by_slot.items())]
-        return DeltaRows(groups, self._metadata(row_slots, "packed"), self._metadata(row_slots, "sign"))
+        return DeltaRows(torch.tensor(row_slots, device=self.device), groups, self._metadata(row_slots, "packed"),
+                         self._metadata(row_slots, "sign"))
 
     def _metadata(self, row_slots: list[int], kind: str) -> SlotMetadata | None:
         holders = self._kind_slots[kind]
