@@ -35,6 +35,7 @@ class WeightSlots:
         self.device, self.dtype = device, dtype
         self.group_size = 0                             # of the packed tiers; one per weight (checked by the bank)
         self.packed: list[PackedTierSlots] = []
+        self.packed_tiers: list[list[tuple[int, int]]] = [[] for _ in range(num_slots)]  # host copy: (rank, bits)
         self.sign_bits: torch.Tensor | None = None      # int32 [S, d_out, ceil(d_in/32)]
         self.sign_scales: torch.Tensor | None = None    # fp32 [S]
         self.lr_u: torch.Tensor | None = None           # fp16 [S, rank_cap, d_out]
@@ -100,6 +101,7 @@ class WeightSlots:
                 self.packed.append(tier)
             else:
                 self.packed[t] = tier
+        self.packed_tiers[slot] = [(q.rank, q.bits) for q in tiers]
         self.kinds[slot].add("packed")
 
     def _write_lowrank16(self, slot: int, tiers: list[FloatTier]) -> None:
@@ -120,6 +122,7 @@ class WeightSlots:
 
     def clear(self, slot: int) -> None:
         """Zero the slot everywhere, so a stale delta can never leak into the next tenant's rows."""
+        self.packed_tiers[slot] = []
         for tier in self.packed:
             tier.ranks[slot] = 0
             tier.s[slot] = 0
@@ -175,8 +178,7 @@ class WeightSlots:
         if "lowrank16" in kinds:
             r = self.lr_rank[slot]
             out += (self.lr_u[slot, :r, token_ids].float().T * self.lr_s[slot, :r]) @ self.lr_v[slot, :r].float()
-        for tier in self.packed:
-            r, b = int(tier.ranks[slot]), int(tier.bits[slot])
+        for tier, (r, b) in zip(self.packed, self.packed_tiers[slot]):     # host ranks: no device read
             if r:
                 u = _packed_columns(tier.u_planes[slot, :b, :r], tier.u_scales[slot, :r], token_ids, self.group_size)
                 v = _packed_columns(tier.v_planes[slot, :b, :r], tier.v_scales[slot, :r],
