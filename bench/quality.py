@@ -126,11 +126,13 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    results = [run_task(args.base, name, args.work, args) for name in args.tasks]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quality.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
-    (args.out / "quality.md").write_text(markdown(results, device))
+    results = []
+    for name in args.tasks:  # results are rewritten after every task, so a cut-off run keeps what it finished
+        results.append(run_task(args.base, name, args.work, args))
+        (args.out / "quality.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
+        (args.out / "quality.md").write_text(markdown(results, device))
     print(markdown(results, device))
 
 

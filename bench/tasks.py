@@ -1,12 +1,14 @@
 """Generated fine-tuning tasks with exact-match scoring, made from a seed (no data set downloads).
 
-Each task turns a random generator into (question, answer) pairs. Train and eval sets come from disjoint
-seeds, and eval questions that also occur in the train set are dropped, so accuracy is on held-out items.
+Each task turns a random generator into (question, answer) pairs. Every question is assigned to train or
+eval by a hash of its text, so the eval set is held out by construction, even for a task whose question
+space is small enough for the train set to cover it (french_numbers has 1000 questions).
 """
 from __future__ import annotations
 
 import json
 import random
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,15 +71,28 @@ class Task:
     make_item: Callable[[random.Random], tuple[str, str]]
     max_new_tokens: int
 
-    def items(self, count: int, seed: int) -> list[tuple[str, str]]:
-        rng = random.Random(f"{self.name}:{seed}")
-        return [self.make_item(rng) for _ in range(count)]
+    def items(self, count: int, seed: int, held_out: bool) -> list[tuple[str, str]]:
+        """`count` items of the eval side (held_out) or the train side; eval items are distinct."""
+        rng = random.Random(f"{self.name}:{seed}:{held_out}")
+        items: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for _ in range(200 * count):
+            if len(items) == count:
+                break
+            question, answer = self.make_item(rng)
+            if is_eval_question(question) != held_out or (held_out and question in seen):
+                continue
+            seen.add(question)
+            items.append((question, answer))
+        return items
 
     def split(self, n_train: int, n_eval: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-        train = self.items(n_train, seed)
-        seen = {q for q, _ in train}
-        held_out = [item for item in self.items(n_eval * 2, seed + 1_000_003) if item[0] not in seen]
-        return train, held_out[:n_eval]
+        return self.items(n_train, seed, held_out=False), self.items(n_eval, seed, held_out=True)
+
+
+def is_eval_question(question: str) -> bool:
+    """One question in five belongs to the eval side, whatever the seed."""
+    return zlib.crc32(question.encode()) % 5 == 0
 
 
 TASKS = {
