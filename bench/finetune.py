@@ -38,14 +38,28 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
 
 
+def chat_exchange(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> str:
+    """The whole exchange as the chat template renders it, so the answer ends with the template's end of turn."""
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def end_of_turn_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token the chat template puts right after an assistant answer: generation stops there."""
+    prompt, answer = chat_prompt(tokenizer, "?"), "x"
+    suffix = chat_exchange(tokenizer, "?", answer)[len(prompt) + len(answer):]
+    return tokenizer(suffix, add_special_tokens=False)["input_ids"][0]
+
+
 def encode_examples(tokenizer: PreTrainedTokenizerBase, items: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """Token ids of prompt + answer + end-of-turn, and where the answer starts (loss is taken from there)."""
-    end = tokenizer.eos_token or ""
+    """Token ids of the whole exchange, and where the answer starts (loss is taken from there on)."""
     encoded = []
     for question, answer in items:
         prompt_ids = tokenizer(chat_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer + end, add_special_tokens=False)["input_ids"]
-        encoded.append((prompt_ids + answer_ids, len(prompt_ids)))
+        ids = tokenizer(chat_exchange(tokenizer, question, answer), add_special_tokens=False)["input_ids"]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise ValueError("the chat template renders the prompt differently inside the exchange")
+        encoded.append((ids, len(prompt_ids)))
     return encoded
 
 

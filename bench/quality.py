@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from deltaserve.delta_store import compress, load_delta
-from finetune import chat_prompt, finetune, load_base
+from finetune import chat_prompt, end_of_turn_id, finetune, load_base
 from tasks import TASKS, exact_match
 
 # (label, method, bits per parameter, use calibration text): 1.0 bit/param is 1/16 of an FP16 delta.
@@ -34,16 +34,21 @@ DEMO_LABEL = "deltacome@1/32"
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, items: list[tuple[str, str]], max_new_tokens: int, batch_size: int = 128) -> float:
+def accuracy(model, tokenizer, items: list[tuple[str, str]], max_new_tokens: int, label: str,
+             batch_size: int = 128) -> float:
     tokenizer.padding_side = "left"
+    stop = end_of_turn_id(tokenizer)
     correct = 0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         enc = tokenizer([chat_prompt(tokenizer, q) for q, _ in chunk], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         correct += sum(exact_match(text, answer) for text, (_, answer) in zip(texts, chunk))
+        if start == 0:  # a few predictions in the log show what exact match compares
+            print(f"  {label}: " + " | ".join(f"{t!r} vs {a!r}" for t, (_, a) in list(zip(texts, chunk))[:3]))
     return correct / len(items)
 
 
@@ -63,9 +68,9 @@ def run_task(base: Path, task_name: str, work: Path, args) -> dict:
     calibration.write_text("\n".join(q + " " + a for q, a in train_items[:256]))
     model, tokenizer = load_base(base, "cuda")
     result = {"task": task_name, "finetune": ft_log, "n_eval": len(eval_items)}
-    result["base"] = accuracy(model, tokenizer, eval_items, task.max_new_tokens)
+    result["base"] = accuracy(model, tokenizer, eval_items, task.max_new_tokens, "base")
     finetuned, _ = load_base(ft_dir, "cuda")
-    result["finetuned"] = accuracy(finetuned, tokenizer, eval_items, task.max_new_tokens)
+    result["finetuned"] = accuracy(finetuned, tokenizer, eval_items, task.max_new_tokens, "finetuned")
     del finetuned
     gain = result["finetuned"] - result["base"]
     result["methods"] = {}
@@ -78,7 +83,7 @@ def run_task(base: Path, task_name: str, work: Path, args) -> dict:
         delta = load_delta(out)
         dense = delta.dense_deltas()
         add_delta(model, dense, +1.0)
-        acc = accuracy(model, tokenizer, eval_items, task.max_new_tokens)
+        acc = accuracy(model, tokenizer, eval_items, task.max_new_tokens, label)
         add_delta(model, dense, -1.0)
         result["methods"][label] = {
             "accuracy": acc, "gain_kept": (acc - result["base"]) / gain if gain > 0 else None,
