@@ -126,6 +126,7 @@ class WeightSlots:
         for tier in self.packed:
             tier.ranks[slot] = 0
             tier.s[slot] = 0
+            tier.forget(slot)
         for t in (self.sign_scales, self.lr_s, self.dense):
             if t is not None:
                 t[slot] = 0

@@ -12,7 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.delta_store.packing import dequantize
 
 from .bitplanes import centred_codes, unpack_tile
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
@@ -100,10 +99,10 @@ def expand_reference(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, proje
         for p, p_cols in zip(projections, cols):
             acc = torch.zeros(n, p.d_out, dtype=torch.float32, device=y.device)
             for t, col in zip(p.tiers, p_cols):
-                r, b = int(t.ranks[slot]), int(t.bits[slot])
+                r = int(t.ranks[slot])
                 if r == 0:
                     continue
-                u = dequantize(t.u_planes[slot, :b, :r], t.u_scales[slot, :r], p.d_out, group_size)
+                u = t.dense_factor("u", slot, p.d_out, group_size)
                 acc += z[rows, col:col + r] @ u
             out = y[rows, p.out_offset:p.out_offset + p.d_out]
             y[rows, p.out_offset:p.out_offset + p.d_out] = (out.float() + acc).to(y.dtype)

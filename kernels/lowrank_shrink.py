@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.delta_store.packing import dequantize
 
 from .bitplanes import centred_codes, unpack_tile
 from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL,
@@ -109,9 +108,9 @@ def shrink_reference(x: torch.Tensor, meta: SlotMetadata, projections: list[LowR
         rows = meta.sorted_rows[start:start + n].long()
         for p, p_cols in zip(projections, cols):
             for t, col in zip(p.tiers, p_cols):
-                r, b = int(t.ranks[slot]), int(t.bits[slot])
+                r = int(t.ranks[slot])
                 if r == 0:
                     continue
-                v = dequantize(t.v_planes[slot, :b, :r], t.v_scales[slot, :r], x.shape[1], group_size)
+                v = t.dense_factor("v", slot, x.shape[1], group_size)
                 z[rows, col:col + r] = (x[rows].float() @ v.T) * t.s[slot, :r]
     return z

@@ -6,11 +6,11 @@ compiled kernel serves every tenant. Bit-plane layout: deltaserve.delta_store.pa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from deltaserve.delta_store.packing import MAX_BITS, check_group_size, num_groups, num_words
+from deltaserve.delta_store.packing import MAX_BITS, check_group_size, dequantize, num_groups, num_words
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -37,6 +37,10 @@ class PackedTierSlots:
     s: torch.Tensor  # fp32 [S, rank_cap]
     ranks: torch.Tensor  # int32 [S]
     bits: torch.Tensor  # int32 [S]
+    # Dequantized factors for the PyTorch path, keyed (factor, slot, d, group_size). Unpacking bit planes
+    # costs far more than the matmul, so on CPU each slot is unpacked once, not at every layer of every step.
+    # Writers build a new PackedTierSlots per write (the engine does) or call forget(slot).
+    _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.v_planes.dim() != 4 or self.u_planes.dim() != 4:
@@ -56,6 +60,20 @@ class PackedTierSlots:
         if len(devices) != 1:
             raise ValueError(f"tier tensors are on several devices: {sorted(map(str, devices))}")
         self.check_values()
+
+    def dense_factor(self, factor: str, slot: int, d: int, group_size: int) -> torch.Tensor:
+        """Slot `slot`'s dequantized v (factor "v", d = d_in) or u ("u", d = d_out): fp32 [rank, d]."""
+        key = (factor, slot, d, group_size)
+        if key not in self._dense:
+            r, b = int(self.ranks[slot]), int(self.bits[slot])
+            planes, scales = (self.v_planes, self.v_scales) if factor == "v" else (self.u_planes, self.u_scales)
+            self._dense[key] = dequantize(planes[slot, :b, :r], scales[slot, :r], d, group_size)
+        return self._dense[key]
+
+    def forget(self, slot: int) -> None:
+        """Drop slot `slot`'s cached dequantized factors (after its buffers were changed in place)."""
+        for key in [k for k in self._dense if k[1] == slot]:
+            del self._dense[key]
 
     @property
     def num_slots(self) -> int:
