@@ -25,10 +25,10 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from deltaserve.delta_store import apikeys
-from deltaserve.delta_store.format import load_delta
+from deltaserve.delta_store.format import DeltaFile, load_delta
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,16 @@ def _fsync_dir(path: Path) -> None:
 class TenantStore:
     """Tenants, their delta versions and API keys. Thread-safe: the server calls it from worker threads."""
 
-    def __init__(self, root: Path, base_fingerprint: str, base_shapes: dict[str, tuple], keep_versions: int = 2):
+    def __init__(self, root: Path, base_fingerprint: str, base_shapes: dict[str, tuple], keep_versions: int = 2,
+                 accept: Callable[[DeltaFile], None] | None = None):
         if keep_versions < 1:
             raise ValueError("keep_versions must be >= 1")
         self.root = Path(root)
         self.base_fingerprint = base_fingerprint
         self.base_shapes = base_shapes
         self.keep_versions = keep_versions
+        # Extra check of a validated upload (the engine's slot capacity): raises ValueError to refuse it.
+        self.accept = accept
         self._deltas = self.root / "deltas"
         self._staging = self.root / "staging"
         for folder in (self.root, self._deltas, self._staging):
@@ -226,7 +229,10 @@ class TenantStore:
         staged = self._staging / f"{uuid.uuid4().hex}.part"
         try:
             size, sha256 = self._copy_synced(Path(upload_path), staged)
-            metadata = load_delta(staged, expected_fingerprint=self.base_fingerprint, base_shapes=self.base_shapes).metadata
+            delta = load_delta(staged, expected_fingerprint=self.base_fingerprint, base_shapes=self.base_shapes)
+            if self.accept is not None:
+                self.accept(delta)
+            metadata = delta.metadata
             bits = metadata.get("bits_per_param")
             with self._lock:
                 row = self._db.execute(

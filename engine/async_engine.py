@@ -96,6 +96,13 @@ class AsyncEngine:
         with self._lock:
             self._engine.load_delta(slot, staged)
 
+    def check_delta(self, delta: DeltaFile) -> None:
+        """Raise ValueError if `delta` could not go into a slot of this engine (base, shapes, capacity).
+
+        The registry calls it before an upload becomes a tenant's current version, so a delta that would
+        fail at its first request is refused at upload instead."""
+        self._engine.check_delta(0, delta)
+
     def clear_slot(self, slot: int) -> None:
         with self._lock:
             self._engine.clear_slot(slot)

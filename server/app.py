@@ -80,7 +80,8 @@ async def _start(state: ServerState) -> None:
     config = state.config
     state.engine = AsyncEngine(config.engine)
     await state.engine.start()
-    state.store = TenantStore(config.store.root, state.engine.base_fingerprint, state.engine.base_shapes)
+    state.store = TenantStore(config.store.root, state.engine.base_fingerprint, state.engine.base_shapes,
+                              accept=state.engine.check_delta)
     state.cache = DeltaCache(state.store, state.engine, config.store.host_bytes_limit, state.metrics.tier_event)
     state.jobs = CompressionJobs(state.store, config.engine.model)
     state.auth = Authenticator(config.server, state.store.tenant_for_key)

@@ -11,6 +11,7 @@ from server_harness import ADMIN_KEY, LiveServer, tiny_config
 from store_deltas import make_delta, rewrite
 from tiny_models import make_tiny_model
 
+from deltaserve.delta_store import compress
 from deltaserve.delta_store.checkpoint import open_checkpoint
 from deltaserve.server.config import TenantSeed
 
@@ -31,7 +32,7 @@ def _error(response, status: int, code: str | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def files(tiny_base, tmp_path_factory) -> dict[str, Path]:
+def files(tiny_base, tiny_finetunes, tmp_path_factory) -> dict[str, Path]:
     """Two valid deltas and one of each kind of bad upload."""
     d = tmp_path_factory.mktemp("uploads")
     good = make_delta(tiny_base, d / "good.safetensors", seed=1)
@@ -50,6 +51,8 @@ def files(tiny_base, tmp_path_factory) -> dict[str, Path]:
         tensors[name][0, 0] = float("nan")
 
     rewrite(good, d / "nan.safetensors", nan_scale)
+    # A valid file that no slot can hold: an uncompressed FP16 delta against 1-bit/param slots.
+    compress(tiny_base, tiny_finetunes[0], d / "too_big.safetensors", method="dense")
     return {"good": good, "other": other, **{p.stem: p for p in d.iterdir() if p.stem not in ("good", "other")}}
 
 
@@ -94,6 +97,7 @@ def test_tenant_lifecycle(server, files):
     ("wrong_base", 422, "fingerprint"),
     ("wrong_shapes", 422, "shape"),
     ("nan", 422, "nan"),
+    ("too_big", 422, "slot"),
 ])
 def test_bad_upload_is_rejected_and_old_version_serves(server, files, bad, status, says):
     with server.http() as admin:
