@@ -94,15 +94,13 @@ def expand_reference(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, proje
                      group_size: int) -> None:
     """PyTorch expand with expand_triton's semantics: one fp32 sum per projection, one rounding into y."""
     cols, _ = z_columns(projections)
-    for slot, start, n in zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host):
+    for slot, start, n in zip(meta.seg_slots_host, meta.seg_starts_host, meta.seg_lens_host):
         rows = meta.sorted_rows[start:start + n].long()
         for p, p_cols in zip(projections, cols):
             acc = torch.zeros(n, p.d_out, dtype=torch.float32, device=y.device)
             for t, col in zip(p.tiers, p_cols):
-                r = int(t.ranks[slot])
-                if r == 0:
-                    continue
-                u = t.dense_factor("u", slot, p.d_out, group_size)
-                acc += z[rows, col:col + r] @ u
+                u = t.dense_factor("u", slot, p.d_out, group_size)    # [rank, d_out]
+                if u.shape[0]:
+                    acc += z[rows, col:col + u.shape[0]] @ u
             out = y[rows, p.out_offset:p.out_offset + p.d_out]
             y[rows, p.out_offset:p.out_offset + p.d_out] = (out.float() + acc).to(y.dtype)

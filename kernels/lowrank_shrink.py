@@ -103,14 +103,13 @@ def shrink_reference(x: torch.Tensor, meta: SlotMetadata, projections: list[LowR
     """PyTorch shrink with shrink_triton's z layout; unwritten entries are 0 here."""
     cols, width = z_columns(projections)
     z = torch.zeros(x.shape[0], width, dtype=torch.float32, device=x.device)
-    starts = meta.seg_starts.tolist()
-    for slot, start, n in zip(meta.seg_slots.tolist(), starts, meta.seg_lens_host):
+    for slot, start, n in zip(meta.seg_slots_host, meta.seg_starts_host, meta.seg_lens_host):
         rows = meta.sorted_rows[start:start + n].long()
         for p, p_cols in zip(projections, cols):
             for t, col in zip(p.tiers, p_cols):
-                r = int(t.ranks[slot])
+                v = t.dense_factor("v", slot, x.shape[1], group_size)   # [rank, d_in]: the rank without a device read
+                r = v.shape[0]
                 if r == 0:
                     continue
-                v = t.dense_factor("v", slot, x.shape[1], group_size)
                 z[rows, col:col + r] = (x[rows].float() @ v.T) * t.s[slot, :r]
     return z

@@ -93,7 +93,7 @@ def add_sign_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
                              projections: list[SignProjection]) -> None:
     check_sign_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections)
     d_in = x.shape[1]
-    for slot, start, n in zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host):
+    for slot, start, n in zip(meta.seg_slots_host, meta.seg_starts_host, meta.seg_lens_host):
         rows = meta.sorted_rows[start:start + n].long()
         for p in projections:
             sign = unpack_bitplanes(p.signs[slot].unsqueeze(0), d_in).float() * 2 - 1  # [d_out, d_in]

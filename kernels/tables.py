@@ -1,4 +1,5 @@
-"""Small int64 descriptor tables (buffer addresses and sizes) uploaded once and reused across steps."""
+"""Small int tables on the device: descriptor tables (buffer addresses and sizes) uploaded once and reused
+across steps, and per-step metadata uploaded from host lists without waiting for the device."""
 from __future__ import annotations
 
 import torch
@@ -18,3 +19,16 @@ def device_table(rows: list[tuple[int, ...]], width: int, device: torch.device) 
         table = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, width)
         _TABLES[key] = table
     return table
+
+
+def upload_lists(parts: list[list[float]], device: torch.device,
+                 dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
+    """Several host lists of numbers on `device` as `dtype` in one copy, as views of one tensor (one per part).
+
+    On CUDA the staging tensor is pinned and the copy non_blocking, so the host queues it behind the running
+    work and goes on; a plain `torch.tensor(list, device="cuda")` waits for the device to drain first.
+    """
+    flat = [v for part in parts for v in part]
+    cuda = device.type == "cuda"
+    host = torch.tensor(flat, dtype=dtype, pin_memory=cuda)
+    return list((host.to(device, non_blocking=True) if cuda else host).split([len(p) for p in parts]))
