@@ -6,10 +6,13 @@ never pads every decode row to its length.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from deltaserve.kernels.tables import upload_lists
 
 
 @dataclass(slots=True)
@@ -21,6 +24,7 @@ class AttentionGroup:
     mask: torch.Tensor             # bool [N, 1, max_q, max_ctx]: causal and length mask
     padded_rows: torch.Tensor      # int64 [T_g]: rows of the flattened [N * max_q] output that are real queries
     token_rows: torch.Tensor       # int64 [T_g]: the step token row each of those is
+    in_order: bool                 # the padded batch is every step row in order (N * max_q = T): no gather needed
 
 
 @dataclass(slots=True)
@@ -37,49 +41,56 @@ class AttentionMetadata:
     @classmethod
     def build(cls, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], block_size: int,
               device: torch.device) -> AttentionMetadata:
-        """q_lens: new tokens per sequence; ctx_lens: tokens with KV after this step (prefix + new)."""
-        starts, total = [], 0
-        for q in q_lens:
-            starts.append(total)
-            total += q
-        positions = torch.empty(total, dtype=torch.int64, device=device)
-        slot_mapping = torch.empty(total, dtype=torch.int64, device=device)
-        groups = []
-        for keep in (lambda q: q == 1, lambda q: q > 1):
-            members = [i for i, q in enumerate(q_lens) if keep(q)]
-            if members:
-                group, pos, slots = _group([q_lens[i] for i in members], [ctx_lens[i] for i in members],
-                                           [block_tables[i] for i in members], [starts[i] for i in members],
-                                           block_size, device)
-                positions[group.token_rows] = pos
-                slot_mapping[group.token_rows] = slots
-                groups.append(group)
-        return cls(positions, slot_mapping, groups)
+        """q_lens: new tokens per sequence; ctx_lens: tokens with KV after this step (prefix + new).
+
+        Every index is computed on the host and goes up in one non-blocking copy; the [N, max_ctx] key index and
+        mask are derived from it on the device. Nothing here waits for the device.
+        """
+        positions, slot_mapping = [], []
+        for q, ctx, table in zip(q_lens, ctx_lens, block_tables):
+            for pos in range(ctx - q, ctx):
+                positions.append(pos)
+                slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
+        starts = list(itertools.accumulate(q_lens, initial=0))[:-1]
+        members = [m for m in ([i for i, q in enumerate(q_lens) if q == 1], [i for i, q in enumerate(q_lens) if q > 1])
+                   if m]
+        plans = [_GroupPlan([q_lens[i] for i in m], [ctx_lens[i] for i in m], [block_tables[i] for i in m],
+                            [starts[i] for i in m]) for m in members]
+        views = upload_lists([positions, slot_mapping] + [part for plan in plans for part in plan.parts], device)
+        in_order = len(set(q_lens)) == 1
+        groups = [plan.group(views[2 + 6 * k : 8 + 6 * k], block_size, in_order) for k, plan in enumerate(plans)]
+        return cls(views[0], views[1], groups)
 
 
-def _group(q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], starts: list[int],
-           block_size: int, device: torch.device) -> tuple[AttentionGroup, torch.Tensor, torch.Tensor]:
-    """One padded batch, plus the positions and cache slots of its new tokens (in token_rows order)."""
-    max_q, max_ctx = max(q_lens), max(ctx_lens)
-    max_blocks = max(len(t) for t in block_tables)
-    tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], device=device)
-    q_len = torch.tensor(q_lens, device=device)
-    ctx = torch.tensor(ctx_lens, device=device)
-    start = torch.tensor(starts, device=device)
-    kj = torch.arange(max_ctx, device=device)
-    qi = torch.arange(max_q, device=device)
-    # Positions past a sequence's context point into its last block or block 0; the mask hides them.
-    kv_index = tables[:, kj // block_size] * block_size + kj % block_size
-    q_pos = (ctx - q_len)[:, None] + qi[None, :]                       # [N, max_q]
-    valid_q = qi[None, :] < q_len[:, None]
-    seq, query = valid_q.nonzero(as_tuple=True)                         # sequence after sequence
-    positions = q_pos[seq, query]
-    q_index = torch.where(valid_q, start[:, None] + qi[None, :], 0)
-    mask = kj[None, None, :] <= q_pos[:, :, None]
-    # Padding queries see key 0 only, so their (discarded) softmax has no empty row and no NaN.
-    mask |= ~valid_q[:, :, None] & (kj[None, None, :] == 0)
-    group = AttentionGroup(kv_index, q_index, mask.unsqueeze(1), seq * max_q + query, start[seq] + query)
-    return group, positions, kv_index[seq, positions]
+class _GroupPlan:
+    """The host side of one AttentionGroup: its int lists (uploaded with the step's others) and sizes."""
+
+    def __init__(self, q_lens: list[int], ctx_lens: list[int], block_tables: list[list[int]], starts: list[int]):
+        self.n, self.max_q, self.max_ctx = len(q_lens), max(q_lens), max(ctx_lens)
+        self.max_blocks = max(len(t) for t in block_tables)
+        q_index, padded_rows, token_rows = [], [], []
+        for i, (q, start) in enumerate(zip(q_lens, starts)):
+            q_index += list(range(start, start + q)) + [0] * (self.max_q - q)
+            padded_rows += range(i * self.max_q, i * self.max_q + q)
+            token_rows += range(start, start + q)
+        # Positions past a sequence's context point into its last block or block 0; the mask hides them.
+        tables = [b for t in block_tables for b in t + [0] * (self.max_blocks - len(t))]
+        self.parts = [tables, q_lens, ctx_lens, q_index, padded_rows, token_rows]
+
+    def group(self, views: list[torch.Tensor], block_size: int, in_order: bool) -> AttentionGroup:
+        """The group from its uploaded parts (views, in self.parts order), deriving key index and mask on device."""
+        tables, q_len, ctx, q_index, padded_rows, token_rows = views
+        device = tables.device
+        kj = torch.arange(self.max_ctx, device=device)
+        qi = torch.arange(self.max_q, device=device)
+        kv_index = tables.view(self.n, self.max_blocks).index_select(1, kj // block_size) * block_size + kj % block_size
+        q_pos = (ctx - q_len)[:, None] + qi[None, :]                       # [N, max_q]
+        mask = kj[None, None, :] <= q_pos[:, :, None]
+        if self.max_q > 1:
+            # Padding queries see key 0 only, so their (discarded) softmax has no empty row and no NaN.
+            mask |= (qi[None, :] >= q_len[:, None])[:, :, None] & (kj[None, None, :] == 0)
+        return AttentionGroup(kv_index, q_index.view(self.n, self.max_q), mask.unsqueeze(1), padded_rows, token_rows,
+                              in_order)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -88,15 +99,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     # index_copy_ / index_select: several times faster on CPU than advanced-index assignment and gather.
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if len(meta.groups) == 1 and meta.groups[0].in_order:
+        return _attend(q, k_cache, v_cache, meta.groups[0], scale)      # every row, already in order
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)
     for g in meta.groups:
-        n, max_ctx = g.kv_index.shape
-        max_q = g.q_index.shape[1]
-        flat = g.kv_index.view(-1)
-        keys = k_cache.index_select(0, flat).view(n, max_ctx, *k.shape[1:]).transpose(1, 2)  # [N, KVH, ctx, D]
-        values = v_cache.index_select(0, flat).view(n, max_ctx, *v.shape[1:]).transpose(1, 2)
-        queries = q.index_select(0, g.q_index.view(-1)).view(n, max_q, *q.shape[1:]).transpose(1, 2)
-        res = F.scaled_dot_product_attention(queries, keys, values, attn_mask=g.mask, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        out.index_copy_(0, g.token_rows, res.transpose(1, 2).reshape(n * max_q, -1).index_select(0, g.padded_rows))
+        out.index_copy_(0, g.token_rows, _attend(q, k_cache, v_cache, g, scale).index_select(0, g.padded_rows))
     return out
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: AttentionGroup,
+            scale: float) -> torch.Tensor:
+    """One group's padded batch -> out [N * max_q, H * D], padding rows included."""
+    n, max_ctx = g.kv_index.shape
+    max_q = g.q_index.shape[1]
+    flat = g.kv_index.view(-1)
+    keys = k_cache.index_select(0, flat).view(n, max_ctx, *k_cache.shape[1:]).transpose(1, 2)  # [N, KVH, ctx, D]
+    values = v_cache.index_select(0, flat).view(n, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
+    queries = q.view(n, max_q, *q.shape[1:]) if g.in_order else q.index_select(0, g.q_index.view(-1)).view(
+        n, max_q, *q.shape[1:])
+    res = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=g.mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k_cache.shape[1])
+    return res.transpose(1, 2).reshape(n * max_q, -1)

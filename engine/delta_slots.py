@@ -45,6 +45,7 @@ class WeightSlots:
         self.dense: torch.Tensor | None = None          # backbone dtype [S, *shape]
         self.kinds: list[set[str]] = [set() for _ in range(num_slots)]
         self.torch_slots: set[int] = set()              # slots with a lowrank16 or dense delta here
+        self.version = 0                                # bumped after every write/clear: layers rebuild kernel args
 
     # ---- writing -------------------------------------------------------------------------------------
     def write(self, slot: int, delta: WeightDelta, group_size: int) -> None:
@@ -70,6 +71,7 @@ class WeightSlots:
                 self._write_lowrank16(slot, floats)
         else:
             raise TypeError(f"{self.name}: unknown delta type {type(delta).__name__}")
+        self.version += 1
 
     def _write_packed(self, slot: int, tiers: list[QuantTier], group_size: int) -> None:
         d_out, d_in = self.shape
@@ -133,6 +135,7 @@ class WeightSlots:
         self.lr_rank[slot] = 0
         self.kinds[slot].clear()
         self.torch_slots.discard(slot)
+        self.version += 1
 
     def nbytes(self) -> int:
         tensors = [self.sign_bits, self.sign_scales, self.lr_u, self.lr_v, self.lr_s, self.dense]
@@ -155,13 +158,12 @@ class WeightSlots:
             out += xs @ self.dense[slot].float().T
         y[rows, offset : offset + d_out] += out.to(y.dtype)
 
-    def row_vectors(self, row_slots: torch.Tensor) -> torch.Tensor | None:
+    def row_vectors(self, gather_slots: torch.Tensor, base_mask: torch.Tensor) -> torch.Tensor | None:
         """The 1-D delta (norm weight or bias) of each row's slot [B, d], zeros for base rows; None if no slot
-        has one. One gather for the whole batch, however many tenants it mixes."""
+        has one. One gather for the whole batch, however many tenants it mixes (arguments: see DeltaRows)."""
         if not self.torch_slots:
             return None
-        picked = self.dense.index_select(0, row_slots.clamp(min=0))
-        return picked.masked_fill((row_slots < 0)[:, None], 0)
+        return self.dense.index_select(0, gather_slots).masked_fill(base_mask, 0)
 
     def embedding_rows(self, slot: int, token_ids: torch.Tensor) -> torch.Tensor | None:
         """delta[token_ids] [n, d_in] of an embedding matrix [vocab, hidden] in fp32, or None if no delta."""

@@ -30,23 +30,33 @@ class DeltaLinear(torch.nn.Module):
         self.biases = list(zip(biases, offsets)) if biases else []
         self.weight = weight if weight is not None else _empty((offsets[-1], d_in), device, dtype)
         self.bias = _empty((offsets[-1],), device, dtype) if biases else None
+        self._versions: tuple[int, ...] | None = None     # of the parts when the kernel arguments below were made
+        self._packed: list[LowRankProjection] = []
+        self._group_size = 0
+        self._sign: list[SignProjection] = []
+
+    def _kernel_args(self) -> None:
+        """Rebuild the kernels' projection lists, only after a slot of one of the parts changed (not per step)."""
+        versions = tuple(w.version for w, _ in self.parts)     # read first: a write racing this rebuilds next time
+        if versions == self._versions:
+            return
+        self._packed = [LowRankProjection(off, w.shape[0], w.packed) for w, off in self.parts if w.packed]
+        self._group_size = next((w.group_size for w, _ in self.parts if w.packed), 0)
+        self._sign = [SignProjection(off, w.sign_bits, w.sign_scales) for w, off in self.parts
+                      if w.sign_bits is not None]
+        self._versions = versions
 
     def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if rows is None:
             return y
-        if rows.packed is not None:
-            projections = [LowRankProjection(off, w.shape[0], w.packed) for w, off in self.parts if w.packed]
-            if projections:
-                group_size = next(w.group_size for w, _ in self.parts if w.packed)
-                add_lowrank_delta(y, x, rows.packed, projections, group_size)
-        if rows.sign is not None:
-            projections = [SignProjection(off, w.sign_bits, w.sign_scales)
-                           for w, off in self.parts if w.sign_bits is not None]
-            if projections:
-                add_sign_delta(y, x, rows.sign, projections)
+        self._kernel_args()
+        if rows.packed is not None and self._packed:
+            add_lowrank_delta(y, x, rows.packed, self._packed, self._group_size)
+        if rows.sign is not None and self._sign:
+            add_sign_delta(y, x, rows.sign, self._sign)
         for b, off in self.biases:
-            db = b.row_vectors(rows.row_slots)
+            db = b.row_vectors(rows.gather_slots, rows.base_mask)
             if db is not None:
                 y[:, off : off + b.shape[0]] += db
         # Python loops only over (part, slot) pairs that hold a torch-applied delta: none for packed/sign tenants.
@@ -72,7 +82,7 @@ class DeltaRMSNorm(torch.nn.Module):
         x = x.float()
         x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
         weight = self.weight
-        delta = self.slots.row_vectors(rows.row_slots) if rows is not None else None
+        delta = self.slots.row_vectors(rows.gather_slots, rows.base_mask) if rows is not None else None
         if delta is not None:
             weight = self.weight + delta        # the merged weight per row, so the product matches a merged model
         return weight * x

@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 from deltaserve.delta_store.checkpoint import Checkpoint
 from deltaserve.engine.attention import AttentionMetadata, paged_attention
 from deltaserve.engine.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm
-from deltaserve.engine.rotary import RotaryEmbedding
+from deltaserve.engine.rotary import RotaryEmbedding, apply_rotary
 from deltaserve.engine.slot_bank import DeltaRows, SlotBank
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -54,15 +54,16 @@ class DecoderLayer(torch.nn.Module):
         self.input_layernorm = DeltaRMSNorm(w[f"{p}input_layernorm.weight"], eps, device, dtype)
         self.post_attention_layernorm = DeltaRMSNorm(w[f"{p}post_attention_layernorm.weight"], eps, device, dtype)
 
-    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                attn: AttentionMetadata, rows: DeltaRows | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                v_cache: torch.Tensor, attn: AttentionMetadata, rows: DeltaRows | None) -> torch.Tensor:
+        """rope: the step's (cos, sin) from RotaryEmbedding."""
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x, rows), rows)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = rope(q.view(t, self.num_heads, self.head_dim), attn.positions)
-        k = rope(k.view(t, self.num_kv_heads, self.head_dim), attn.positions)
-        out = paged_attention(q, k, v.view(t, self.num_kv_heads, self.head_dim), k_cache, v_cache, attn,
+        heads = self.num_heads + self.num_kv_heads
+        # q and k side by side in qkv: one rotation for both (the same elementwise ops as two).
+        qk = apply_rotary(qkv[:, : heads * self.head_dim].view(t, heads, self.head_dim), *rope)
+        v = qkv[:, heads * self.head_dim :].view(t, self.num_kv_heads, self.head_dim)
+        out = paged_attention(qk[:, : self.num_heads], qk[:, self.num_heads :], v, k_cache, v_cache, attn,
                               self.head_dim ** -0.5)
         x = x + self.o_proj(out, rows)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x, rows), rows).chunk(2, dim=-1)
@@ -89,8 +90,9 @@ class LlamaModel(torch.nn.Module):
                 attn: AttentionMetadata, rows: DeltaRows | None) -> torch.Tensor:
         """token_ids [T] -> final hidden states [T, hidden] (before the head)."""
         x = self.embed_tokens(token_ids, rows)
+        rope = self.rope(attn.positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, self.rope, k_cache, v_cache, attn, rows)
+            x = layer(x, rope, k_cache, v_cache, attn, rows)
         return x
 
     def logits(self, hidden: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:

@@ -12,6 +12,7 @@ from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.engine.sequence import Sequence
 from deltaserve.engine.slot_bank import SlotBank
+from deltaserve.kernels.tables import upload_lists
 
 _CPU_KV_BYTES = 1 << 30             # KV cache on CPU when num_kv_blocks is not given
 _DEVICE_HEADROOM = 0.10             # fraction of device memory left for activations, logits and the allocator
@@ -79,13 +80,13 @@ class ModelRunner:
             if seq.num_computed + n == len(seq):
                 last_rows.append(end - 1)
                 sampling.append(seq)
-        # Built before the forward pass is queued: building metadata reads the device, which would otherwise
-        # wait for the whole forward pass here.
+        # Every piece of step metadata is made from host lists and uploaded without waiting for the device: the
+        # only sync of a step is the sampler's read of the tokens.
         all_decodes = len(last_rows) == len(token_ids)      # every row samples: the same rows, the same metadata
         sample_rows = rows if all_decodes else self.bank.rows([seq.slot for seq in sampling])
-        ids = torch.tensor(token_ids, dtype=torch.int64, device=self.device)
+        ids, picks = upload_lists([token_ids, last_rows], self.device)
         hidden = self.model(ids, self.kv_caches, attn, rows)
         if not sampling:
             return [], None
-        picked = hidden.index_select(0, torch.tensor(last_rows, device=self.device))
+        picked = hidden if all_decodes else hidden.index_select(0, picks)
         return sampling, self.model.logits(picked, sample_rows)

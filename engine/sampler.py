@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.engine.config import SamplingParams
+from deltaserve.kernels.tables import upload_lists
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
@@ -12,12 +13,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     random_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not random_rows:
         return tokens
-    rows = torch.tensor(random_rows, device=logits.device)
-    picked = [params[i] for i in random_rows]
-    scaled = logits[rows] / torch.tensor([p.temperature for p in picked], device=logits.device)[:, None]
     vocab = logits.shape[-1]
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in picked], device=logits.device)
-    top_p = torch.tensor([p.top_p for p in picked], device=logits.device)
+    picked = [params[i] for i in random_rows]
+    # Host values go up without waiting for the device (the token read after sampling is the step's one sync).
+    rows, top_k = upload_lists([random_rows, [p.top_k if 0 < p.top_k < vocab else vocab for p in picked]],
+                              logits.device)
+    temperature, top_p = upload_lists([[p.temperature for p in picked], [p.top_p for p in picked]], logits.device,
+                                     torch.float32)
+    scaled = logits.index_select(0, rows) / temperature[:, None]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     rank = torch.arange(vocab, device=logits.device)[None, :]
     drop = rank >= top_k[:, None]
@@ -26,10 +29,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     mass_before = probs.cumsum(dim=-1) - probs
     drop |= mass_before >= top_p[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    for j, i in enumerate(random_rows):
-        choice = torch.multinomial(probs[j], 1, generator=generators[i])
-        tokens[i] = order[j, choice[0]]
-    return tokens
+    # One draw per row from its own generator; the picks are gathered and written back batched.
+    choices = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(random_rows)])
+    return tokens.index_copy_(0, rows, order.gather(1, choices[:, None]).squeeze(1))
 
 
 def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,8 +18,10 @@ _PER_MATRIX_ALLOWANCE = 8
 class DeltaRows:
     """Which slot each row of one forward pass uses, prepared once per step and read by every layer."""
 
-    row_slots: torch.Tensor                    # int64 [B] slot of each row, -1 = base
-    groups: list[tuple[int, torch.Tensor]]     # (slot, row indices) for each distinct slot >= 0
+    row_slots: torch.Tensor                    # int32 [B] slot of each row, -1 = base
+    gather_slots: torch.Tensor                 # int32 [B] row_slots with base rows at slot 0, for gathers by row
+    base_mask: torch.Tensor                    # bool [B, 1] rows of the base model, whose gathered delta is zeroed
+    groups: list[tuple[int, torch.Tensor]]     # (slot, int32 row indices) for each distinct slot >= 0
     packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
 
@@ -86,20 +88,23 @@ class SlotBank:
         return sum(w.nbytes() for w in self.weights.values())
 
     def rows(self, row_slots: list[int]) -> DeltaRows | None:
-        """Metadata for rows with these slots (host list), or None when every row is the base model."""
-        by_slot: dict[int, list[int]] = {}
-        for row, slot in enumerate(row_slots):
-            if slot >= 0:
-                by_slot.setdefault(slot, []).append(row)
-        if not by_slot:
+        """Metadata for rows with these slots (host list), or None when every row is the base model. Built on the
+        host and uploaded without reading the device; when every tenant row's slot holds packed (or sign) deltas,
+        that kernel metadata is the all-slots one, so a step usually costs one upload here."""
+        if all(slot < 0 for slot in row_slots):
             return None
-        groups = [(slot, torch.tensor(rows, device=self.device)) for slot, rows in sorted(by_slot.items())]
-        return DeltaRows(torch.tensor(row_slots, device=self.device), groups, self._metadata(row_slots, "packed"),
-                         self._metadata(row_slots, "sign"))
+        every = SlotMetadata.from_host(row_slots, self.num_slots, self.device)
+        groups = [(slot, every.sorted_rows[start : start + n])
+                  for slot, start, n in zip(every.seg_slots_host, every.seg_starts_host, every.seg_lens_host)]
+        return DeltaRows(every.row_slots, every.row_slots.clamp(min=0), (every.row_slots < 0)[:, None], groups,
+                         self._metadata(row_slots, "packed", every),
+                         self._metadata(row_slots, "sign", every))
 
-    def _metadata(self, row_slots: list[int], kind: str) -> SlotMetadata | None:
+    def _metadata(self, row_slots: list[int], kind: str, every: SlotMetadata) -> SlotMetadata | None:
         holders = self._kind_slots[kind]
-        if not holders.intersection(row_slots):
+        if not holders.intersection(every.seg_slots_host):
             return None
+        if holders.issuperset(every.seg_slots_host):
+            return every
         masked = [s if s in holders else -1 for s in row_slots]
-        return SlotMetadata.build(torch.tensor(masked, dtype=torch.int32, device=self.device), self.num_slots)
+        return SlotMetadata.from_host(masked, self.num_slots, self.device)
