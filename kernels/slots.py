@@ -41,6 +41,9 @@ class PackedTierSlots:
     # costs far more than the matmul, so on CPU each slot is unpacked once, not at every layer of every step.
     # Writers build a new PackedTierSlots per write (the engine does) or call forget(slot).
     _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # (d_in, d_out, group_size) that check_dims accepted: buffer shapes never change in place (the engine makes a
+    # new PackedTierSlots to grow one), so a launcher checks each once, not at every layer of every step.
+    _dims_ok: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.v_planes.dim() != 4 or self.u_planes.dim() != 4:
@@ -108,6 +111,8 @@ class PackedTierSlots:
 
     def check_dims(self, d_in: int, d_out: int, group_size: int, where: str) -> None:
         """Word and group counts of the buffers match a d_in x d_out weight at this group size."""
+        if (d_in, d_out, group_size) in self._dims_ok:
+            return
         for name, t, axis, want in (
             ("v_planes", self.v_planes, 3, num_words(d_in)),
             ("v_scales", self.v_scales, 2, num_groups(d_in, group_size)),
@@ -119,6 +124,7 @@ class PackedTierSlots:
                     f"{where}.{name} has {t.shape[axis]} on axis {axis}, d_in={d_in} d_out={d_out} "
                     f"group_size={group_size} need {want}"
                 )
+        self._dims_ok.add((d_in, d_out, group_size))
 
 
 @dataclass
