@@ -78,9 +78,9 @@ class DeltaRMSNorm(torch.nn.Module):
         self.weight = _empty(slots.shape, device, dtype)
 
     def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        # One fused op (fp32 inside, one rounding to x's dtype) instead of seven launches; on CPU it gives the same
+        # bits as transformers' x.float() * rsqrt(mean(x^2) + eps) then .to(dtype).
+        x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         weight = self.weight
         delta = self.slots.row_vectors(rows.gather_slots, rows.base_mask) if rows is not None else None
         if delta is not None:
