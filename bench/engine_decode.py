@@ -65,7 +65,8 @@ def deltacome_tiers(d_out: int, d_in: int, bits_per_param: float = 1.0) -> list[
     return [(2, 8), (32, 3), (max(1, int(left // cost(1, 2))), 2)]
 
 
-def random_delta(shapes: dict[str, tuple[int, ...]], fingerprint: str, seed: int) -> DeltaFile:
+def random_delta(shapes: dict[str, tuple[int, ...]], fingerprint: str, seed: int,
+                 bits_per_param: float = 1.0) -> DeltaFile:
     g = torch.Generator().manual_seed(seed)
     weights = {}
     for name, shape in shapes.items():
@@ -73,7 +74,7 @@ def random_delta(shapes: dict[str, tuple[int, ...]], fingerprint: str, seed: int
             continue
         d_out, d_in = shape
         tiers = []
-        for rank, bits in deltacome_tiers(d_out, d_in):
+        for rank, bits in deltacome_tiers(d_out, d_in, bits_per_param):
             def planes(d: int) -> torch.Tensor:
                 return torch.randint(-2**31, 2**31 - 1, (bits, rank, num_words(d)), generator=g, dtype=torch.int64
                                      ).to(torch.int32)
