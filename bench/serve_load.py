@@ -81,7 +81,10 @@ def resolve_model(config: LoadConfig) -> tuple[str, str]:
     if config.model == "smollm2":
         return str(default_model_path()), "smollm2"
     if config.model == "llama2-7b":
-        return str(random_7b(config.work / "llama2-7b-random", config.device)), "llama2-7b"
+        path = random_7b(config.work / "llama2-7b-random", config.device)
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the weights were drawn on the GPU: leave its memory to the server
+        return str(path), "llama2-7b"
     if config.model == "tiny":
         sys.path.insert(0, str(REPO / "tests"))
         from tiny_models import make_tiny_model  # the tests' random model, not a twin of it
