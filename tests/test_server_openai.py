@@ -217,15 +217,20 @@ def test_client_errors(served):
         server.openai(keys["beta"]).completions.create(model="beta", prompt="x", max_tokens=0)
 
 
-def _metrics_once_idle(server, engine) -> str:
-    """/metrics after the engine has dropped every sequence (an abandoned one must not keep running)."""
+def _wait_until_idle_and_counted(server, engine, *expected: str) -> None:
+    """Wait until the engine has dropped every sequence (an abandoned one must not keep running) and every
+    ``expected`` line shows in /metrics: the server counts an abort in its cancellation handler, just after
+    the engine lets go."""
     deadline = time.monotonic() + 30
-    while engine.stats().num_running + engine.stats().num_waiting > 0:
-        assert time.monotonic() < deadline, "the abandoned sequence kept running"
+    while True:
+        idle = engine.stats().num_running + engine.stats().num_waiting == 0
+        with server.http(None) as http:
+            metrics = http.get("/metrics").text
+        missing = [line for line in expected if line not in metrics]
+        if idle and not missing:
+            return
+        assert time.monotonic() < deadline, f"still running: {not idle}; not in /metrics: {missing}"
         time.sleep(0.05)
-    with server.http(None) as http:
-        return http.get("/metrics").text
-
 
 
 def test_disconnect_mid_stream_aborts(served):
@@ -240,15 +245,14 @@ def test_disconnect_mid_stream_aborts(served):
             with server.http(None) as probe:  # while it streams, the gateway gauge names the tenant as running
                 assert 'running_lora_adapters="beta"' in probe.get("/metrics").text
         # Leaving the block closed the connection after one chunk of 240 tokens.
-    metrics = _metrics_once_idle(server, engine)
-    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 1.0' in metrics
+    _wait_until_idle_and_counted(server, engine, 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 1.0')
 
     # A whole answer has nothing to send until the end: the server polls the connection meanwhile.
     with server.http(keys["beta"]) as http, pytest.raises(httpx.ReadTimeout):
         http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.5))
-    metrics = _metrics_once_idle(server, engine)
-    assert 'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 2.0' in metrics
-    assert 'deltaserve_request_errors_total{status="499",tenant="beta"} 1.0' in metrics
+    _wait_until_idle_and_counted(server, engine,
+                       'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 2.0',
+                       'deltaserve_request_errors_total{status="499",tenant="beta"} 1.0')
 
 
 def test_health_ready_metrics(served):
