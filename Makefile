@@ -23,7 +23,7 @@ serve: install
 	$(VENV)/bin/deltaserve serve --config $(CONFIG) --port $(PORT)
 
 bench: install
-	$(PY) bench/kernels.py
+	$(PY) bench/kernel_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

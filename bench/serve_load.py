@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from deltaserve.delta_store.checkpoint import default_model_path, open_checkpoint
-from engine_decode import random_7b
+from random_models import random_7b
 from load_schedule import make_schedule
 from serve_client import RequestShape, run_schedule, single
 from serve_cold import cold_probes, probe_plan

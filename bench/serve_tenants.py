@@ -16,7 +16,7 @@ import httpx
 
 from deltaserve.delta_store.checkpoint import open_checkpoint
 from deltaserve.delta_store.format import write_delta
-from engine_decode import G, random_delta
+from random_models import G, random_delta
 
 
 def tenant_name(rank: int) -> str:

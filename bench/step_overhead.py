@@ -21,7 +21,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1] / "tests")]
-from engine_decode import random_delta  # noqa: E402
+from random_models import random_delta  # noqa: E402
 from tiny_models import make_tiny_model  # noqa: E402
 
 from deltaserve.engine import EngineConfig, LLMEngine, SamplingParams  # noqa: E402

@@ -2,7 +2,7 @@
 
 Two launches, shrink then expand, with z fp32 [B, sum of ranks] between them: expand needs every rank of
 a row before it can finish any output element, and a fused kernel would either recompute z per output
-tile (re-reading V d_out / BLOCK_N times) or need a grid-wide barrier. bench/kernels.py times the two
+tile (re-reading V d_out / BLOCK_N times) or need a grid-wide barrier. bench/kernel_bench.py times the two
 launches separately to show what the split costs.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ depends on sizes, not values. Baselines per call: (a) the PyTorch path (dequanti
 fp16, then matmul, tenant by tenant), (b) a dense fp16 delta matmul per tenant, (c) the BitDelta kernel
 (1 bit/param: the same bytes). Then every linear of one decode layer, backbone plus deltas.
 
-Usage: python bench/kernels.py [--out DIR] [--quick]   (writes kernels.json, kernels.md, kernels.png)
+Usage: python bench/kernel_bench.py [--out DIR] [--quick]   (writes kernels.json, kernels.md, kernels.png)
 """
 from __future__ import annotations
 
@@ -28,21 +28,13 @@ from deltaserve.kernels.lowrank_plan import plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton
+from random_models import G, deltacome_tiers
 
-G = 128
 HIDDEN, FFN = 4096, 11008
 # name -> (d_in, output widths of the stacked projections)
 SHAPES = {"qkv": (HIDDEN, [HIDDEN] * 3), "o": (HIDDEN, [HIDDEN]), "gate_up": (HIDDEN, [FFN] * 2),
           "down": (FFN, [HIDDEN])}
 BATCHES, TENANTS = (1, 16, 64, 256), (1, 4, 16, 32, 64)
-
-
-def deltacome_tiers(d_in: int, d_out: int, bits_per_param: float = 1.0) -> list[tuple[int, int]]:
-    """[(rank, bits)]: 2 @ 8, 32 @ 3, then @ 2 until the budget (codes + fp16 group scales + fp32 s) is spent."""
-    def cost(rank: int, bits: int) -> int:
-        return rank * (bits * (d_in + d_out) + 16 * (num_groups(d_in, G) + num_groups(d_out, G)) + 32)
-    left = bits_per_param * d_in * d_out - cost(2, 8) - cost(32, 3)
-    return [(2, 8), (32, 3), (int(left // cost(1, 2)), 2)]
 
 
 def packed_bytes(d_in: int, d_out: int, tiers: list[tuple[int, int]]) -> int:
