@@ -23,6 +23,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # tokens of one step (prefill chunks + decodes)
     max_model_len: int = 2048           # prompt + completion
     seed: int = 0                       # seeds requests that bring no seed of their own
+    delta_kernels: bool = True          # False: the PyTorch delta path on CUDA too (the benchmarks' baseline)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

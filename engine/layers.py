@@ -34,6 +34,7 @@ class DeltaLinear(torch.nn.Module):
         self._packed: list[LowRankProjection] = []
         self._group_size = 0
         self._sign: list[SignProjection] = []
+        self.use_kernels: bool | None = None                # None: the Triton kernels on CUDA, PyTorch elsewhere
 
     def _kernel_args(self) -> None:
         """Rebuild the kernels' projection lists, only after a slot of one of the parts changed (not per step)."""
@@ -52,9 +53,9 @@ class DeltaLinear(torch.nn.Module):
             return y
         self._kernel_args()
         if rows.packed is not None and self._packed:
-            add_lowrank_delta(y, x, rows.packed, self._packed, self._group_size)
+            add_lowrank_delta(y, x, rows.packed, self._packed, self._group_size, self.use_kernels)
         if rows.sign is not None and self._sign:
-            add_sign_delta(y, x, rows.sign, self._sign)
+            add_sign_delta(y, x, rows.sign, self._sign, self.use_kernels)
         for b, off in self.biases:
             db = b.row_vectors(rows.gather_slots, rows.base_mask)
             if db is not None:

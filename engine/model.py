@@ -95,6 +95,12 @@ class LlamaModel(torch.nn.Module):
             x = layer(x, rope, k_cache, v_cache, attn, rows)
         return x
 
+    def use_delta_kernels(self, enabled: bool) -> None:
+        """False: every linear takes the PyTorch delta path even on CUDA (the benchmarks' baseline)."""
+        for module in self.modules():
+            if isinstance(module, DeltaLinear):
+                module.use_kernels = None if enabled else False
+
     def logits(self, hidden: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
         """hidden [B, hidden] of the rows to sample (final norm applied here) -> fp32 logits [B, vocab]."""
         return self.lm_head(self.norm(hidden, rows), rows).float()

@@ -29,6 +29,7 @@ class ModelRunner:
                              self.dtype)
         self.model = LlamaModel(hf, self.bank, config.max_model_len, self.device, self.dtype)
         self.model.load_weights(checkpoint)
+        self.model.use_delta_kernels(config.delta_kernels)
         self.backbone_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         kv_heads, head_dim = hf.num_key_value_heads, head_dim_of(hf)
         # K and V of one block in every layer.

@@ -33,7 +33,7 @@ def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMeta
 
 
 def add_lowrank_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[LowRankProjection],
-                      group_size: int) -> None:
+                      group_size: int, use_triton: bool | None = None) -> None:
     """y [B, D_out_total] += per row, per projection p: sum over tiers of x @ v^T diag(s) u at the row's slot.
 
     Equivalent loop:
@@ -42,10 +42,10 @@ def add_lowrank_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, proj
                 for p in projections:
                     y[row, p.out_offset : p.out_offset + p.d_out] += sum(
                         (x[row] @ v_t[slot].T * s_t[slot]) @ u_t[slot] for t in p.tiers)   # fp32, one rounding
-    x [B, d_in] and y share a dtype (fp16, bf16, fp32). CUDA tensors run the Triton kernels, others the
-    PyTorch reference.
+    x [B, d_in] and y share a dtype (fp16, bf16, fp32). use_triton None: CUDA tensors run the Triton kernels,
+    others the PyTorch reference; False forces the reference (a baseline).
     """
-    if x.is_cuda:
+    if x.is_cuda if use_triton is None else use_triton:
         add_lowrank_delta_triton(y, x, meta, projections, group_size)
     else:
         add_lowrank_delta_reference(y, x, meta, projections, group_size)

@@ -102,11 +102,13 @@ def add_sign_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
             y[rows, p.out_offset:p.out_offset + p.d_out] = (out.float() + delta).to(y.dtype)
 
 
-def add_sign_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[SignProjection]) -> None:
+def add_sign_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[SignProjection],
+                   use_triton: bool | None = None) -> None:
     """y [B, D_out_total] += per row with slot k >= 0, per projection p:
         y[row, p.out_offset : p.out_offset + p.d_out] += p.scales[k] * x[row] @ (2 * bits(p.signs[k]) - 1).T
-    in fp32 with one rounding. CUDA tensors run the Triton kernel, others the PyTorch reference."""
-    if x.is_cuda:
+    in fp32 with one rounding. use_triton None: CUDA tensors run the Triton kernel, others the PyTorch
+    reference; False forces the reference (a baseline)."""
+    if x.is_cuda if use_triton is None else use_triton:
         add_sign_delta_triton(y, x, meta, projections)
     else:
         add_sign_delta_reference(y, x, meta, projections)

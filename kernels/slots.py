@@ -66,14 +66,17 @@ class PackedTierSlots:
 
     def dense_factor(self, factor: str, slot: int, d: int, group_size: int) -> torch.Tensor:
         """Slot `slot`'s dequantized v (factor "v", d = d_in) or u ("u", d = d_out): fp32 [rank, d] (rank 0 for an
-        empty tier). Cached: its shape gives the references the slot's rank without reading the device."""
+        empty tier). Cached on CPU: its shape gives the references the slot's rank without reading the device."""
         key = (factor, slot, d, group_size)
-        if key not in self._dense:
-            r, b = int(self.ranks[slot]), int(self.bits[slot])
-            planes, scales = (self.v_planes, self.v_scales) if factor == "v" else (self.u_planes, self.u_scales)
-            self._dense[key] = (dequantize(planes[slot, :b, :r], scales[slot, :r], d, group_size) if r else
-                                torch.zeros(0, d, device=self.device))
-        return self._dense[key]
+        if key in self._dense:
+            return self._dense[key]
+        r, b = int(self.ranks[slot]), int(self.bits[slot])
+        planes, scales = (self.v_planes, self.v_scales) if factor == "v" else (self.u_planes, self.u_scales)
+        dense = (dequantize(planes[slot, :b, :r], scales[slot, :r], d, group_size) if r else
+                 torch.zeros(0, d, device=self.device))
+        if self.device.type == "cpu":   # on a GPU the fp32 factors of many 7B tenants would not fit
+            self._dense[key] = dense
+        return dense
 
     def forget(self, slot: int) -> None:
         """Drop slot `slot`'s cached dequantized factors (after its buffers were changed in place)."""
