@@ -24,7 +24,7 @@ from deltaserve.delta_store.packing import num_groups, num_words
 from deltaserve.kernels import LowRankProjection, SlotMetadata, SignProjection
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
 from deltaserve.kernels.lowrank_expand import expand_triton
-from deltaserve.kernels.lowrank_plan import plan_for
+from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton
@@ -161,7 +161,7 @@ def bench_shape(name: str, g: torch.Generator, bw: float, quick: bool) -> list[d
             meta = SlotMetadata.build(slots, max(TENANTS))
             groups = [(s, meta.sorted_rows[a:a + n].long()) for s, a, n in
                       zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host)]
-            plan = plan_for(w.lowrank)
+            plan = lowrank_plan_for(w.lowrank)
             z = shrink_triton(x, meta, plan, G)
             t_kernel = ms(lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G), quick)
             t_eager = ms(lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G), quick, graph=False)

@@ -10,19 +10,22 @@ from __future__ import annotations
 import torch
 
 from .lowrank_expand import expand_reference, expand_triton
-from .lowrank_plan import plan_for
+from .lowrank_plan import LowRankPlan, lowrank_plan_for
 from .lowrank_shrink import shrink_reference, shrink_triton
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection, check_lowrank_call
 
 
 def add_lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
-                             projections: list[LowRankProjection], group_size: int) -> None:
+                             projections: list[LowRankProjection], group_size: int,
+                             plan: LowRankPlan | None = None) -> None:
     """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     check_lowrank_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections, group_size)
     if not projections:
         return
-    plan = plan_for(projections)
+    plan = lowrank_plan_for(projections) if plan is None else plan
+    if plan.projections.shape[0] != len(projections):
+        raise ValueError(f"the plan is for {plan.projections.shape[0]} projections, the call has {len(projections)}")
     expand_triton(y, shrink_triton(x, meta, plan, group_size), meta, plan, group_size)
 
 
@@ -33,7 +36,7 @@ def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMeta
 
 
 def add_lowrank_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[LowRankProjection],
-                      group_size: int, use_triton: bool | None = None) -> None:
+                      group_size: int, use_triton: bool | None = None, plan: LowRankPlan | None = None) -> None:
     """y [B, D_out_total] += per row, per projection p: sum over tiers of x @ v^T diag(s) u at the row's slot.
 
     Equivalent loop:
@@ -43,9 +46,13 @@ def add_lowrank_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, proj
                     y[row, p.out_offset : p.out_offset + p.d_out] += sum(
                         (x[row] @ v_t[slot].T * s_t[slot]) @ u_t[slot] for t in p.tiers)   # fp32, one rounding
     x [B, d_in] and y share a dtype (fp16, bf16, fp32). use_triton None: CUDA tensors run the Triton kernels,
-    others the PyTorch reference; False forces the reference (a baseline).
+    others the PyTorch reference; False forces the reference (a baseline). plan: lowrank_plan_for(projections),
+    built once by the caller (else built here at every call, a dictionary look-up of every buffer address).
+    With static metadata (SlotMetadata.from_host(..., pad_to=B)) the Triton path reads nothing from the host
+    that changes per step and uploads nothing, so it can be captured in a CUDA graph (after one warm-up call,
+    which compiles and autotunes) and replayed after meta.copy_(next step's metadata).
     """
     if x.is_cuda if use_triton is None else use_triton:
-        add_lowrank_delta_triton(y, x, meta, projections, group_size)
+        add_lowrank_delta_triton(y, x, meta, projections, group_size, plan)
     else:
         add_lowrank_delta_reference(y, x, meta, projections, group_size)

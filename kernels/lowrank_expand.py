@@ -19,7 +19,7 @@ from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ
                            z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import block_m_for, expand_configs, prune_to_group, work_bucket
+from .tuning import expand_configs, prune_to_group, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
@@ -40,6 +40,8 @@ def _expand_kernel(
     if n0 >= d_out:  # the grid covers the widest projection
         return
     seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:  # padding tile of static metadata
+        return
     slot = tl.load(seg_slots_ptr + seg)
     slot64 = slot.to(tl.int64)
     offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
@@ -74,10 +76,10 @@ def _expand_kernel(
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> None:
     """y [B, D_out_total] += expand(z fp32 [B, plan.z_width]) in place; rows of slot -1 untouched."""
-    if not meta.seg_lens_host or plan.max_d_out == 0:
+    tiles = meta.launch_tiles()
+    if tiles is None or plan.max_d_out == 0:
         return
-    block_m = block_m_for(meta.max_seg_len)
-    blk_seg, blk_start = meta.blocks(block_m)
+    block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
     grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_R"], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]),
                         plan.projections.shape[0])

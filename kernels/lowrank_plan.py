@@ -54,7 +54,9 @@ class LowRankPlan:
     max_d_out: int
 
 
-def plan_for(projections: list[LowRankProjection]) -> LowRankPlan:
+def lowrank_plan_for(projections: list[LowRankProjection]) -> LowRankPlan:
+    """The tables of a projection list. Build it once per list of buffers and pass it to every call (a graph
+    captures its address); the tables are cached on their contents, so a rebuilt list reuses them."""
     cols, z_width = z_columns(projections)
     tier_rows, proj_rows = [], []
     for p, p_cols in zip(projections, cols):

@@ -21,7 +21,7 @@ from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLA
                            TIER_COLS, LowRankPlan, z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import block_m_for, dot_dtype, prune_to_group, shrink_configs, work_bucket
+from .tuning import dot_dtype, prune_to_group, shrink_configs, work_bucket
 
 
 @triton.autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
@@ -43,6 +43,8 @@ def _shrink_kernel(
     if r0 >= rank_cap:  # the grid covers the largest tier; smaller tiers exit here
         return
     seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:  # padding tile of static metadata
+        return
     slot = tl.load(seg_slots_ptr + seg)
     rank = tl.load(tl.load(desc + T_RANKS).to(tl.pointer_type(tl.int32)) + slot)
     if r0 >= rank:
@@ -83,10 +85,10 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     """x [B, d_in] fp16/bf16/fp32 -> z fp32 [B, plan.z_width]. Only (row, column) pairs of a row's slot within
     that slot's rank are written (the rest stays 0; expand never reads it)."""
     z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
-    if not meta.seg_lens_host or plan.max_rank_cap == 0:
+    tiles = meta.launch_tiles()
+    if tiles is None or plan.max_rank_cap == 0:
         return z
-    block_m = block_m_for(meta.max_seg_len)
-    blk_seg, blk_start = meta.blocks(block_m)
+    block_m, blk_seg, blk_start = tiles
     grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], plan.tiers.shape[0],
                         triton.cdiv(plan.max_rank_cap, cfg["BLOCK_R"]))
     _shrink_kernel[grid](

@@ -7,6 +7,8 @@ then goes into y with one rounding.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -17,7 +19,7 @@ from .bitplanes import centred_codes, unpack_tile
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import block_m_for, dot_dtype, sign_configs, work_bucket
+from .tuning import dot_dtype, sign_configs, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
@@ -26,6 +28,20 @@ S_SCALES = tl.constexpr(1)
 S_OUT_OFFSET = tl.constexpr(2)
 S_D_OUT = tl.constexpr(3)
 SIGN_COLS = tl.constexpr(4)
+
+
+@dataclass(frozen=True)
+class SignPlan:
+    table: torch.Tensor  # int64 [P, SIGN_COLS]
+    max_d_out: int
+
+
+def sign_plan_for(projections: list[SignProjection]) -> SignPlan:
+    """The descriptor table of a projection list: build it once and pass it to every call (a graph captures its
+    address); cached on its contents, so a rebuilt list reuses it."""
+    rows = [(p.signs.data_ptr(), p.scales.data_ptr(), p.out_offset, p.d_out) for p in projections]
+    device = projections[0].signs.device if projections else torch.device("cpu")
+    return SignPlan(device_table(rows, SIGN_COLS.value, device), max((p.d_out for p in projections), default=0))
 
 
 @triton.autotune(configs=sign_configs(), key=["d_in", "max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"])
@@ -46,6 +62,8 @@ def _sign_kernel(
     if n0 >= d_out:  # the grid covers the widest projection
         return
     seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:  # padding tile of static metadata
+        return
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
     m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
@@ -68,22 +86,23 @@ def _sign_kernel(
 
 
 def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
-                          projections: list[SignProjection]) -> None:
+                          projections: list[SignProjection], plan: SignPlan | None = None) -> None:
     """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     check_sign_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections)
-    if not projections or not meta.seg_lens_host:
+    tiles = meta.launch_tiles()
+    if not projections or tiles is None:
         return
-    table = device_table([(p.signs.data_ptr(), p.scales.data_ptr(), p.out_offset, p.d_out) for p in projections],
-                         SIGN_COLS.value, x.device)
-    max_d_out = max(p.d_out for p in projections)
-    block_m = block_m_for(meta.max_seg_len)
-    blk_seg, blk_start = meta.blocks(block_m)
+    plan = sign_plan_for(projections) if plan is None else plan
+    if plan.table.shape[0] != len(projections):
+        raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
+    block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], triton.cdiv(max_d_out, cfg["BLOCK_N"]), len(projections))
+    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]),
+                        len(projections))
     _sign_kernel[grid](
-        ws, x, table,
+        ws, x, plan.table,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), x.stride(0),
+        x.shape[1], plan.max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), x.stride(0),
         DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
     )
     add_workspace(y, ws)
@@ -103,12 +122,13 @@ def add_sign_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
 
 
 def add_sign_delta(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list[SignProjection],
-                   use_triton: bool | None = None) -> None:
+                   use_triton: bool | None = None, plan: SignPlan | None = None) -> None:
     """y [B, D_out_total] += per row with slot k >= 0, per projection p:
         y[row, p.out_offset : p.out_offset + p.d_out] += p.scales[k] * x[row] @ (2 * bits(p.signs[k]) - 1).T
     in fp32 with one rounding. use_triton None: CUDA tensors run the Triton kernel, others the PyTorch
-    reference; False forces the reference (a baseline)."""
+    reference; False forces the reference (a baseline). plan: sign_plan_for(projections), built once by the
+    caller. Graph capture as for add_lowrank_delta (static metadata, a prebuilt plan, one warm-up call)."""
     if x.is_cuda if use_triton is None else use_triton:
-        add_sign_delta_triton(y, x, meta, projections)
+        add_sign_delta_triton(y, x, meta, projections, plan)
     else:
         add_sign_delta_reference(y, x, meta, projections)

@@ -10,25 +10,34 @@ import torch
 from .tables import upload_lists
 from .tuning import block_m_for
 
+# Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
+STATIC_BLOCK_M = 16
 
-@dataclass(frozen=True)
+
+@dataclass(eq=False)
 class SlotMetadata:
     """Rows of one batch grouped into segments, one per distinct slot present.
 
-    Equivalent loop: for i in range(len(seg_slots)): rows sorted_rows[seg_starts[i] : seg_starts[i] + seg_lens[i]]
+    Equivalent loop: for i in range(len(seg_slots_host)): rows sorted_rows[seg_starts[i] : seg_starts[i] + seg_lens[i]]
     all use slot seg_slots[i]. Rows of slot -1 (the base model) belong to no segment, so kernels never touch them.
+
+    Static metadata (from_host with pad_to=P, for CUDA graphs) has P rows, the rows past the batch at slot -1;
+    every device tensor's shape depends only on P and num_slots, and so do the launch grids (see launch_tiles).
+    copy_ moves another step's metadata into its tensors, which a captured graph keeps reading.
     """
 
     row_slots: torch.Tensor  # int32 [B], -1 = base
     num_slots: int  # S: slot indices lie in [-1, S)
-    sorted_rows: torch.Tensor  # int32 [B_active] rows with a slot, grouped by slot
-    seg_slots: torch.Tensor  # int32 [A] distinct slots, ascending
-    seg_starts: torch.Tensor  # int32 [A] offset of each segment in sorted_rows
-    seg_lens: torch.Tensor  # int32 [A]
+    sorted_rows: torch.Tensor  # int32 [B_active] rows with a slot, grouped by slot (static: [P], padded with 0)
+    seg_slots: torch.Tensor  # int32 [A] distinct slots, ascending (static: [P], padded with 0)
+    seg_starts: torch.Tensor  # int32 [A] offset of each segment in sorted_rows (static: [P], padded with 0)
+    seg_lens: torch.Tensor  # int32 [A] (static: [P], padded with 0)
     seg_lens_host: tuple[int, ...]  # seg_lens on the host: sizes the launch grids without another sync
     seg_slots_host: tuple[int, ...]  # seg_slots and seg_starts on the host, for the PyTorch references
     seg_starts_host: tuple[int, ...]
-    _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
+    static: bool = False  # padded for graph capture: launches never read the host tuples above
+    _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
+    _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, num_slots: int) -> SlotMetadata:
@@ -39,11 +48,18 @@ class SlotMetadata:
         return cls.from_host(row_slots.tolist(), num_slots, row_slots.device)
 
     @classmethod
-    def from_host(cls, row_slots: list[int], num_slots: int, device: torch.device) -> SlotMetadata:
+    def from_host(cls, row_slots: list[int], num_slots: int, device: torch.device,
+                  pad_to: int | None = None) -> SlotMetadata:
         """Same as build from a host list, without reading the device: grouped on the host, then every field and
-        the row tiles at this batch's tile height (see blocks) go up in one non-blocking copy."""
+        the row tiles at this batch's tile height (see blocks) go up in one non-blocking copy.
+
+        pad_to=P makes static metadata for P rows (P >= len(row_slots)): row_slots padded with -1, the segment
+        fields padded to P entries, and the row tiles at STATIC_BLOCK_M padded to static_tile_count(P, num_slots)
+        with segment -1, on which a kernel program returns at once."""
         if num_slots < 0:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
+        if pad_to is not None and not max(len(row_slots), 1) <= pad_to:
+            raise ValueError(f"pad_to must be >= 1 and >= the {len(row_slots)} rows, got {pad_to}")
         by_slot: dict[int, list[int]] = {}
         for row, slot in enumerate(row_slots):
             if not -1 <= slot < num_slots:
@@ -53,13 +69,36 @@ class SlotMetadata:
         seg_slots = sorted(by_slot)
         seg_lens = [len(by_slot[s]) for s in seg_slots]
         seg_starts = list(itertools.accumulate(seg_lens, initial=0))[:-1]
-        block_m = block_m_for(max(seg_lens, default=0))
-        tiles = _tiles(seg_lens, block_m)
-        t = upload_lists([row_slots, [r for s in seg_slots for r in by_slot[s]], seg_slots, seg_starts, seg_lens,
-                         *tiles], torch.device(device), torch.int32)
-        meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts))
+        sorted_rows = [r for s in seg_slots for r in by_slot[s]]
+        block_m = block_m_for(max(seg_lens, default=0)) if pad_to is None else STATIC_BLOCK_M
+        tile_seg, tile_start = _tiles(seg_lens, block_m)
+        parts = [list(row_slots), sorted_rows, seg_slots, seg_starts, seg_lens, tile_seg, tile_start]
+        if pad_to is not None:
+            n_tiles = static_tile_count(pad_to, num_slots)
+            assert len(tile_seg) <= n_tiles, "static_tile_count is an upper bound"
+            parts = [_pad(p, n, fill) for p, n, fill in zip(
+                parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
+        (flat,) = upload_lists([[v for p in parts for v in p]], torch.device(device), torch.int32)
+        t = flat.split([len(p) for p in parts])
+        meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts),
+                   static=pad_to is not None, _flat=flat)
         meta._blocks[block_m] = (t[5], t[6])
         return meta
+
+    def copy_(self, other: SlotMetadata) -> None:
+        """Make self describe other's step, in place: other's device tensors are copied into self's (one
+        non-blocking device copy), so a CUDA graph captured with self replays on other's rows. Both must be
+        static with the same padding and slot count; raises ValueError otherwise."""
+        if not (self.static and other.static):
+            raise ValueError("copy_ needs static metadata on both sides (from_host with pad_to)")
+        if (self.num_rows, self.num_slots) != (other.num_rows, other.num_slots):
+            raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
+                             f"self is {self.num_rows} rows of {self.num_slots} slots")
+        self._flat.copy_(other._flat, non_blocking=True)
+        self.seg_lens_host, self.seg_slots_host, self.seg_starts_host = (
+            other.seg_lens_host, other.seg_slots_host, other.seg_starts_host)
+        # Tiles of any other height were cut for the old rows (only the references ask for them).
+        self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
 
     @property
     def num_rows(self) -> int:
@@ -76,6 +115,28 @@ class SlotMetadata:
             seg, start = upload_lists(_tiles(self.seg_lens_host, block_m), self.row_slots.device, torch.int32)
             self._blocks[block_m] = (seg, start)
         return self._blocks[block_m]
+
+    def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
+        """What a delta kernel launch iterates over: (tile height, tile segments, tile starts; see blocks), or
+        None when no row has a slot. Static metadata always gives its fixed padded tiles, never None: a captured
+        launch must exist even if the capturing step had no tenant row."""
+        if self.static:
+            return (STATIC_BLOCK_M, *self._blocks[STATIC_BLOCK_M])
+        if not self.seg_lens_host:
+            return None
+        block_m = block_m_for(self.max_seg_len)
+        return (block_m, *self.blocks(block_m))
+
+
+def static_tile_count(num_rows: int, num_slots: int) -> int:
+    """Most row tiles of STATIC_BLOCK_M rows that num_rows rows over num_slots slots can need: A segments of
+    n_i rows take sum(ceil(n_i / M)) <= A + (rows - A) // M tiles, largest at the most segments A."""
+    a = min(num_rows, num_slots)
+    return max(a + (num_rows - a) // STATIC_BLOCK_M, 1)  # never an empty grid
+
+
+def _pad(values: list[int], n: int, fill: int) -> list[int]:
+    return values + [fill] * (n - len(values))
 
 
 def _tiles(seg_lens: Sequence[int], block_m: int) -> tuple[list[int], list[int]]:

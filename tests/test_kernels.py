@@ -14,10 +14,11 @@ import torch
 from deltaserve.delta_store.packing import dequantize, pack_bitplanes, quantize_groups
 from deltaserve.kernels import LowRankProjection, PackedTierSlots, SlotMetadata, add_lowrank_delta, add_sign_delta
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
-from deltaserve.kernels.lowrank_plan import plan_for
+from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
-from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton
+from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
+from deltaserve.kernels.slot_metadata import static_tile_count
 
 S, D_IN, G = 4, 75, 32  # d_in not a multiple of any block; two scale groups and a partial one
 D_OUTS = (40, 33)  # stacked projections of odd widths
@@ -101,7 +102,7 @@ def test_shrink_intermediate_is_fp32_and_matches(gen) -> None:
     rows = ROW_CASES["mixed_with_base"]
     projections = _projections(g)
     x, _, meta = _batch(rows, torch.float16, g)
-    got = shrink_triton(x, meta, plan_for(projections), G)
+    got = shrink_triton(x, meta, lowrank_plan_for(projections), G)
     want = shrink_reference(x, meta, projections, G)
     assert got.dtype == torch.float32
     written = want != 0  # the reference writes zeros nowhere it computes: random inputs never give exactly 0
@@ -189,3 +190,125 @@ def test_launchers_reject_inconsistent_inputs(gen) -> None:
         add_sign_delta_triton(y, torch.zeros(3, 100, dtype=torch.float16), meta, [random_signs(S, D_IN, 40, 0, g)])
     with pytest.raises(ValueError, match=r"slot 1: rank 3 outside \[0, 2\]"):
         random_tier([1, 3], [2, 2], 2, 3, D_IN, 40, G, g)
+
+
+# Static (CUDA-graph) metadata: rows padded with base rows to a fixed count, launches sized by that count alone.
+STATIC_CASES = {k: ROW_CASES[k] for k in ("batch_of_one", "all_base", "every_row_own_slot", "mixed_with_base")}
+PAD = 3  # rows past the batch
+
+
+def _launch(kind: str, y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata, projections: list, plan=None) -> None:
+    if kind == "lowrank":
+        add_lowrank_delta_triton(y, x, meta, projections, G, plan)
+    else:
+        add_sign_delta_triton(y, x, meta, projections, plan)
+
+
+def _kind_projections(kind: str, g: torch.Generator) -> list:
+    if kind == "lowrank":
+        return _projections(g)
+    return [random_signs(S, D_IN, D_OUTS[0], 0, g), random_signs(S, D_IN, D_OUTS[1], D_OUTS[0], g)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["lowrank", "sign"])
+@pytest.mark.parametrize("case", STATIC_CASES)
+def test_static_metadata_matches_unpadded(case: str, kind: str, dtype: torch.dtype, gen) -> None:
+    """Padded to B + PAD rows: the batch's rows get exactly what the unpadded launch gives, padding rows nothing."""
+    g, seed = gen
+    rows = STATIC_CASES[case]
+    B, P = len(rows), len(rows) + PAD
+    projections = _kind_projections(kind, g)
+    x, y0, _ = _batch(rows + [-1] * PAD, dtype, g)  # random padding rows too: they must stay as they are
+    meta = SlotMetadata.from_host(rows, S, torch.device("cpu"))
+    static = SlotMetadata.from_host(rows, S, torch.device("cpu"), pad_to=P)
+    assert static.static and static.num_rows == P and static.row_slots.tolist() == rows + [-1] * PAD
+    got, want = y0.clone(), y0[:B].clone()
+    _launch(kind, want, x[:B], meta, projections)
+    _launch(kind, got, x, static, projections)
+    assert torch.equal(got[:B], want), f"seed {seed}: padded launch differs from the unpadded one"
+    assert torch.equal(got[B:], y0[B:]), f"seed {seed}: padding rows changed"
+
+
+def test_static_metadata_shapes_depend_on_padding_only() -> None:
+    P = 40
+    shapes = {tuple(tuple(t.shape) for t in (m.row_slots, m.sorted_rows, m.seg_slots, m.seg_starts, m.seg_lens,
+                                              *m.launch_tiles()[1:])) + (m.launch_tiles()[0],)
+              for rows in ([], [1], [-1] * 40, list(range(S)) * 10, [0] * 33 + [3] * 7)
+              for m in [SlotMetadata.from_host(rows, S, torch.device("cpu"), pad_to=P)]}
+    assert len(shapes) == 1
+    # The tile bound is tight: S one-row segments plus one long segment.
+    rows = [0] * (P - S + 1) + list(range(1, S))
+    assert len(SlotMetadata.from_host(rows, S, torch.device("cpu")).blocks(16)[0]) == static_tile_count(P, S)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sign"])
+def test_static_copy_then_launch_equals_fresh_launch(kind: str, gen) -> None:
+    """copy_ into metadata that already served a launch (as a captured graph's does), then launch again."""
+    g, seed = gen
+    first, second = [-1, 2, 2, 0, -1], [3, 1, 3, -1, 0, 1, 2]
+    P = 8
+    projections = _kind_projections(kind, g)
+    plan = lowrank_plan_for(projections) if kind == "lowrank" else sign_plan_for(projections)
+    x, y0, _ = _batch(second + [-1] * (P - len(second)), torch.float16, g)
+    held = SlotMetadata.from_host(first, S, torch.device("cpu"), pad_to=P)
+    _launch(kind, y0.clone(), x, held, projections, plan)
+    fresh = SlotMetadata.from_host(second, S, torch.device("cpu"), pad_to=P)
+    held.copy_(fresh)
+    got, want = y0.clone(), y0.clone()
+    _launch(kind, got, x, held, projections, plan)
+    _launch(kind, want, x, fresh, projections, plan)
+    assert torch.equal(got, want), f"seed {seed}"
+    reference = y0.clone()
+    (add_lowrank_delta_reference(reference, x, held, projections, G) if kind == "lowrank" else
+     add_sign_delta_reference(reference, x, held, projections))
+    _assert_close(got, reference, y0, second + [-1] * (P - len(second)), seed)
+
+
+def test_static_copy_rejects_other_padding() -> None:
+    cpu = torch.device("cpu")
+    held = SlotMetadata.from_host([0, 1], S, cpu, pad_to=4)
+    with pytest.raises(ValueError, match="padded to 5 rows"):
+        held.copy_(SlotMetadata.from_host([0, 1], S, cpu, pad_to=5))
+    with pytest.raises(ValueError, match="static metadata on both sides"):
+        held.copy_(SlotMetadata.from_host([0, 1, -1, -1], S, cpu))
+    with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
+        SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_after_copy(gen) -> None:
+    """Capture add_lowrank_delta and add_sign_delta with static metadata after a warm-up call; replay after
+    copy_ of another row mix (and new x, y): equal to the reference of that mix."""
+    _, seed = gen
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dev, P = torch.device("cuda"), 16
+    lowrank, signs = _projections(g), _kind_projections("sign", g)
+    lowrank_plan, signs_plan = lowrank_plan_for(lowrank), sign_plan_for(signs)
+    x = torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g)
+    y = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
+    meta = SlotMetadata.from_host([0, 0, 1], S, dev, pad_to=P)
+
+    def step() -> None:
+        add_lowrank_delta(y, x, meta, lowrank, G, plan=lowrank_plan)
+        add_sign_delta(y, x, meta, signs, plan=signs_plan)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compiles and autotunes outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    rows = [3, -1, 2, 0, 3, 1, 1, -1, 2, 0]
+    meta.copy_(SlotMetadata.from_host(rows, S, dev, pad_to=P))
+    x.copy_(torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g))
+    y0 = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
+    y.copy_(y0)
+    graph.replay()
+    want = y0.clone()
+    add_lowrank_delta_reference(want, x, meta, lowrank, G)
+    add_sign_delta_reference(want, x, meta, signs)
+    _assert_close(y.cpu(), want.cpu(), y0.cpu(), rows + [-1] * (P - len(rows)), seed)
