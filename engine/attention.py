@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 from deltaserve.kernels.tables import upload_lists
 
 
@@ -62,6 +63,36 @@ class AttentionMetadata:
         return cls(views[0], views[1], groups)
 
 
+@dataclass(slots=True)
+class DecodeAttention:
+    """A decode-only step in shapes fixed by its padded row count P (what a captured CUDA graph replays): one
+    query per row, each row's whole block table. Padding rows have context 0 (their output is 0) and write
+    their K/V to a scratch cache row that no sequence owns."""
+
+    positions: torch.Tensor        # int64 [P]
+    slot_mapping: torch.Tensor     # int64 [P]
+    block_tables: torch.Tensor     # int32 [P, max_blocks]
+    ctx_lens: torch.Tensor         # int32 [P]: tokens with KV after this step (0 = padding row)
+    block_size: int
+
+    @classmethod
+    def build(cls, ctx_lens: list[int], block_tables: list[list[int]], block_size: int, pad_to: int,
+              max_blocks: int, scratch_row: int, device: torch.device) -> DecodeAttention:
+        pad = pad_to - len(ctx_lens)
+        positions = [n - 1 for n in ctx_lens] + [0] * pad
+        slot_mapping = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                        for n, t in zip(ctx_lens, block_tables)] + [scratch_row] * pad
+        tables = [b for t in block_tables for b in t + [0] * (max_blocks - len(t))] + [0] * (pad * max_blocks)
+        views = upload_lists([positions, slot_mapping], device) + upload_lists([tables, ctx_lens + [0] * pad],
+                                                                                  device, torch.int32)
+        return cls(views[0], views[1], views[2].view(pad_to, max_blocks), views[3], block_size)
+
+    def copy_(self, other: DecodeAttention) -> None:
+        """Take `other`'s step into these tensors in place (the ones a captured graph reads)."""
+        for name in ("positions", "slot_mapping", "block_tables", "ctx_lens"):
+            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+
+
 class _GroupPlan:
     """The host side of one AttentionGroup: its int lists (uploaded with the step's others) and sizes."""
 
@@ -94,11 +125,14 @@ class _GroupPlan:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata | DecodeAttention, scale: float) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D]; caches [num_blocks * block_size, KVH, D] -> out [T, H * D]."""
     # index_copy_ / index_select: several times faster on CPU than advanced-index assignment and gather.
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if isinstance(meta, DecodeAttention):
+        attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
+        return attend(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens, meta.block_size, scale).flatten(1)
     if len(meta.groups) == 1 and meta.groups[0].in_order:
         return _attend(q, k_cache, v_cache, meta.groups[0], scale)      # every row, already in order
     out = torch.empty(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype, device=q.device)

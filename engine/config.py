@@ -24,6 +24,8 @@ class EngineConfig:
     max_model_len: int = 2048           # prompt + completion
     seed: int = 0                       # seeds requests that bring no seed of their own
     delta_kernels: bool = True          # False: the PyTorch delta path on CUDA too (the benchmarks' baseline)
+    cuda_graphs: bool | None = None     # decode steps replayed from CUDA graphs; None: on CUDA. True off CUDA
+    #                                     runs the same padded static-shaped step without capturing (tests)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from deltaserve.engine.delta_slots import WeightSlots
 from deltaserve.engine.slot_bank import DeltaRows
-from deltaserve.kernels import LowRankProjection, SignProjection, add_lowrank_delta, add_sign_delta
+from deltaserve.kernels import (LowRankPlan, LowRankProjection, SignPlan, SignProjection, add_lowrank_delta,
+                                add_sign_delta, lowrank_plan_for, sign_plan_for)
 
 
 def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.nn.Parameter:
@@ -34,6 +35,8 @@ class DeltaLinear(torch.nn.Module):
         self._packed: list[LowRankProjection] = []
         self._group_size = 0
         self._sign: list[SignProjection] = []
+        self._packed_plan: LowRankPlan | None = None      # the kernels' descriptor tables of the lists above
+        self._sign_plan: SignPlan | None = None
         self.use_kernels: bool | None = None                # None: the Triton kernels on CUDA, PyTorch elsewhere
 
     def _kernel_args(self) -> None:
@@ -45,6 +48,8 @@ class DeltaLinear(torch.nn.Module):
         self._group_size = next((w.group_size for w, _ in self.parts if w.packed), 0)
         self._sign = [SignProjection(off, w.sign_bits, w.sign_scales) for w, off in self.parts
                       if w.sign_bits is not None]
+        self._packed_plan = lowrank_plan_for(self._packed) if self._packed else None
+        self._sign_plan = sign_plan_for(self._sign) if self._sign else None
         self._versions = versions
 
     def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
@@ -53,9 +58,10 @@ class DeltaLinear(torch.nn.Module):
             return y
         self._kernel_args()
         if rows.packed is not None and self._packed:
-            add_lowrank_delta(y, x, rows.packed, self._packed, self._group_size, self.use_kernels)
+            add_lowrank_delta(y, x, rows.packed, self._packed, self._group_size, self.use_kernels,
+                              self._packed_plan)
         if rows.sign is not None and self._sign:
-            add_sign_delta(y, x, rows.sign, self._sign, self.use_kernels)
+            add_sign_delta(y, x, rows.sign, self._sign, self.use_kernels, self._sign_plan)
         for b, off in self.biases:
             db = b.row_vectors(rows.gather_slots, rows.base_mask)
             if db is not None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from deltaserve.delta_store.checkpoint import Checkpoint
-from deltaserve.engine.attention import AttentionMetadata, paged_attention
+from deltaserve.engine.attention import AttentionMetadata, DecodeAttention, paged_attention
 from deltaserve.engine.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm
 from deltaserve.engine.rotary import RotaryEmbedding, apply_rotary
 from deltaserve.engine.slot_bank import DeltaRows, SlotBank
@@ -55,7 +55,8 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = DeltaRMSNorm(w[f"{p}post_attention_layernorm.weight"], eps, device, dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                v_cache: torch.Tensor, attn: AttentionMetadata, rows: DeltaRows | None) -> torch.Tensor:
+                v_cache: torch.Tensor, attn: AttentionMetadata | DecodeAttention, rows: DeltaRows | None
+                ) -> torch.Tensor:
         """rope: the step's (cos, sin) from RotaryEmbedding."""
         t = x.shape[0]
         qkv = self.qkv_proj(self.input_layernorm(x, rows), rows)
@@ -89,7 +90,11 @@ class LlamaModel(torch.nn.Module):
     def forward(self, token_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 attn: AttentionMetadata, rows: DeltaRows | None) -> torch.Tensor:
         """token_ids [T] -> final hidden states [T, hidden] (before the head)."""
-        x = self.embed_tokens(token_ids, rows)
+        return self.decoder(self.embed_tokens(token_ids, rows), kv_caches, attn, rows)
+
+    def decoder(self, x: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                attn: AttentionMetadata | DecodeAttention, rows: DeltaRows | None) -> torch.Tensor:
+        """Embedded tokens [T, hidden] through every layer (what a decode graph captures)."""
         rope = self.rope(attn.positions)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x = layer(x, rope, k_cache, v_cache, attn, rows)

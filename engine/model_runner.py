@@ -8,6 +8,7 @@ from deltaserve.delta_store.format import DeltaFile
 from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.engine.attention import AttentionMetadata
 from deltaserve.engine.config import EngineConfig
+from deltaserve.engine.decode_graphs import DecodeGraphs
 from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.engine.sequence import Sequence
@@ -35,13 +36,17 @@ class ModelRunner:
         # K and V of one block in every layer.
         self.block_bytes = 2 * hf.num_hidden_layers * config.block_size * kv_heads * head_dim * self.dtype.itemsize
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory()
-        tokens = self.num_blocks * config.block_size
+        # One block past the block manager's: the scratch rows that padding rows of a decode graph write to.
+        tokens = (self.num_blocks + 1) * config.block_size
         self.kv_caches = [
             (torch.zeros(tokens, kv_heads, head_dim, device=self.device, dtype=self.dtype),
              torch.zeros(tokens, kv_heads, head_dim, device=self.device, dtype=self.dtype))
             for _ in range(hf.num_hidden_layers)]
         self.kv_cache_bytes = self.num_blocks * self.block_bytes
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, self.bank, config.block_size, config.max_model_len,
+                                   config.max_num_seqs, self.num_blocks * config.block_size) if graphs else None
 
     def stage(self, delta: DeltaFile) -> DeltaFile:
         """`delta` with its tensors on the device. On CUDA the host-to-device copies run on their own stream,
@@ -69,6 +74,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
         """Feed every scheduled chunk; returns the sequences that sample now and their fp32 logits [B, vocab]."""
         seqs, lens = batch.seqs, batch.num_tokens
+        if self.graphs is not None and all(n == 1 and seq.num_computed + 1 == len(seq) for seq, n in zip(seqs, lens)):
+            slots = [seq.slot for seq in seqs]
+            if self.graphs.can_run(slots):
+                return seqs, self.graphs.run([seq.token_ids[-1] for seq in seqs], [len(seq) for seq in seqs],
+                                             [seq.block_table for seq in seqs], slots)
         token_ids = [t for seq, n in zip(seqs, lens) for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         attn = AttentionMetadata.build(lens, [seq.num_computed + n for seq, n in zip(seqs, lens)],
                                        [seq.block_table for seq in seqs], self.config.block_size, self.device)

@@ -9,6 +9,7 @@ import torch
 from deltaserve.delta_store.format import DeltaFile, LowRankDelta, QuantTier, weight_bytes
 from deltaserve.engine.delta_slots import WeightSlots
 from deltaserve.kernels import SlotMetadata
+from deltaserve.kernels.tables import upload_lists
 
 # Per-matrix scalars (a BitDelta scale, say) are not charged against the bits-per-parameter capacity.
 _PER_MATRIX_ALLOWANCE = 8
@@ -25,6 +26,16 @@ class DeltaRows:
     packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
 
+    def copy_(self, other: DeltaRows) -> None:
+        """Take `other`'s rows into these tensors in place (both from SlotBank.static_rows at one pad_to)."""
+        for name in ("row_slots", "gather_slots", "base_mask"):
+            getattr(self, name).copy_(getattr(other, name), non_blocking=True)
+        for mine, theirs in ((self.packed, other.packed), (self.sign, other.sign)):
+            if (mine is None) != (theirs is None):
+                raise ValueError("static rows of different slot-bank layouts")
+            if mine is not None:
+                mine.copy_(theirs)
+
 
 class SlotBank:
     def __init__(self, shapes: dict[str, tuple[int, ...]], num_slots: int, bits_per_param: float,
@@ -38,7 +49,10 @@ class SlotBank:
         self.capacity_bytes = int(bits_per_param * sum(matrices) / 8) + _PER_MATRIX_ALLOWANCE * len(matrices)
         self.group_size = 0
         self.generation = [0] * num_slots       # bumped on every load/clear: K/V cached under a slot expire
-        self._kind_slots: dict[str, set[int]] = {"packed": set(), "sign": set()}
+        # Slots by how their weight-matrix deltas are applied: the two kernels, or torch per slot ("torch": the
+        # svd and dense methods, which a captured decode graph cannot take).
+        self._kind_slots: dict[str, set[int]] = {"packed": set(), "sign": set(), "torch": set()}
+        self._layout: tuple | None = None       # cache of layout_key(), dropped on every load/clear
 
     def slot_bytes(self, delta: DeltaFile) -> int:
         return sum(weight_bytes(d) for d in delta.weights.values())
@@ -69,14 +83,17 @@ class SlotBank:
         for name, d in delta.weights.items():
             self.weights[name].write(slot, d, delta.group_size)
         kinds = set().union(*(self.weights[name].kinds[slot] for name in delta.weights))
-        for kind, slots in self._kind_slots.items():
+        for kind in ("packed", "sign"):
             if kind in kinds:
-                slots.add(slot)
+                self._kind_slots[kind].add(slot)
+        if any(slot in self.weights[name].torch_slots and len(d.shape) == 2 for name, d in delta.weights.items()):
+            self._kind_slots["torch"].add(slot)
         if "packed" in kinds:
             self.group_size = delta.group_size
 
     def clear(self, slot: int) -> None:
         self.generation[slot] += 1
+        self._layout = None
         for w in self.weights.values():
             w.clear(slot)
         for slots in self._kind_slots.values():
@@ -99,6 +116,38 @@ class SlotBank:
         return DeltaRows(every.row_slots, every.row_slots.clamp(min=0), (every.row_slots < 0)[:, None], groups,
                          self._metadata(row_slots, "packed", every),
                          self._metadata(row_slots, "sign", every))
+
+    def torch_applied(self, slot: int) -> bool:
+        """Whether some weight matrix of `slot` takes the per-slot torch path (svd/dense methods)."""
+        return slot in self._kind_slots["torch"]
+
+    def layout_key(self) -> tuple:
+        """Identity of everything a captured decode graph bakes in: the address of every slot buffer, and which
+        weights apply 1-D deltas at all. Equal keys: a graph captured under one replays correctly under the
+        other, whatever tenants were loaded in between (their bytes live in the same buffers)."""
+        if self._layout is None:
+            key = []
+            for w in self.weights.values():
+                tensors = [w.sign_bits, w.sign_scales, w.dense, w.lr_u, w.lr_v, w.lr_s]
+                tensors += [getattr(t, f) for t in w.packed for f in ("v_planes", "v_scales", "u_planes",
+                                                                      "u_scales", "s", "ranks", "bits")]
+                key.append((tuple(t.data_ptr() if t is not None else 0 for t in tensors), bool(w.torch_slots)))
+            self._layout = (tuple(key), bool(self._kind_slots["packed"]), bool(self._kind_slots["sign"]))
+        return self._layout
+
+    def static_rows(self, row_slots: list[int], pad_to: int) -> DeltaRows:
+        """DeltaRows of a captured decode step: row_slots padded with base rows to pad_to, every tensor's shape
+        fixed by pad_to, kernel metadata present whenever some resident slot uses that kernel (not only this
+        step's), and no per-slot groups (graph steps hold no torch-applied slot: see torch_applied)."""
+        (row,) = upload_lists([row_slots + [-1] * (pad_to - len(row_slots))], self.device, torch.int32)
+
+        def kernel_rows(kind: str) -> SlotMetadata | None:
+            holders = self._kind_slots[kind]
+            if not holders:
+                return None
+            return SlotMetadata.from_host([s if s in holders else -1 for s in row_slots], self.num_slots,
+                                          self.device, pad_to=pad_to)
+        return DeltaRows(row, row.clamp(min=0), (row < 0)[:, None], [], kernel_rows("packed"), kernel_rows("sign"))
 
     def _metadata(self, row_slots: list[int], kind: str, every: SlotMetadata) -> SlotMetadata | None:
         holders = self._kind_slots[kind]

@@ -154,6 +154,11 @@ def decode_workspace(batch: int, heads: int, num_splits: int, head_dim: int,
     return ws
 
 
+def live_workspaces() -> list[torch.Tensor]:
+    """Every cached workspace: a captured CUDA graph holds these so that none it writes is ever freed."""
+    return [t for ws in _WORKSPACES.values() for t in ws]
+
+
 def check_decode_call(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       ctx_lens: torch.Tensor, block_size: int) -> None:
     """ValueError unless the shapes, dtypes and devices fit paged_decode_attention's contract (values unread)."""

@@ -32,3 +32,9 @@ def upload_lists(parts: list[list[float]], device: torch.device,
     cuda = device.type == "cuda"
     host = torch.tensor(flat, dtype=dtype, pin_memory=cuda)
     return list((host.to(device, non_blocking=True) if cuda else host).split([len(p) for p in parts]))
+
+
+def live_tables() -> list[torch.Tensor]:
+    """Every cached descriptor table: a captured CUDA graph holds these so that none it reads is ever freed
+    (the cache may drop them, the graph's addresses must stay valid)."""
+    return list(_TABLES.values())

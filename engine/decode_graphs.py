@@ -1,0 +1,116 @@
+"""CUDA graphs for decode steps: the decoder and the head replayed as one launch per padded batch size.
+
+Python issues some twenty launches per layer; at small batches that host time, not the GPU, sets the step
+time (H100, batch 1: ~70 ms a step for SmolLM2 and for a 7B alike, bench/results/engine_decode_*). A
+decode step whose tenant rows all take the Triton kernels is padded to the next bucket size P and replayed
+from a graph captured for (P, whether any row has a tenant) under the slot bank's current layout. Per step
+only inputs move: the embedded tokens (the embedding and its per-tenant delta run eagerly, outside the
+graph), positions, cache slots, block tables, context lengths and slot metadata are copied into the
+graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from deltaserve.engine.attention import DecodeAttention
+from deltaserve.engine.model import LlamaModel
+from deltaserve.engine.slot_bank import DeltaRows, SlotBank
+from deltaserve.kernels.paged_attention import live_workspaces
+from deltaserve.kernels.tables import live_tables, upload_lists
+
+
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Padded batch sizes that get a graph: fine steps where padding would cost most, coarser above."""
+    sizes = [1, 2, 4, 8] + list(range(16, 64, 16)) + list(range(64, 256, 32)) + list(range(256, max_num_seqs, 64))
+    return [b for b in sizes if b < max_num_seqs] + [max_num_seqs]
+
+
+@dataclass
+class _Graph:
+    """One captured step: its static inputs, its output, and what must outlive it."""
+
+    hidden: torch.Tensor                   # [P, hidden] embedded tokens (input)
+    attn: DecodeAttention                  # input
+    rows: DeltaRows | None                 # input; None: every row is the base model
+    logits: torch.Tensor | None = None     # fp32 [P, vocab] (output, rewritten by every replay)
+    graph: torch.cuda.CUDAGraph | None = None   # None off CUDA: the same static-shaped step, run eagerly
+    keep: list = field(default_factory=list)
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], bank: SlotBank,
+                 block_size: int, max_model_len: int, max_num_seqs: int, scratch_row: int):
+        self.model, self.kv_caches, self.bank = model, kv_caches, bank
+        self.block_size, self.scratch_row = block_size, scratch_row
+        self.max_blocks = -(-max_model_len // block_size)
+        self.buckets = decode_buckets(max_num_seqs)
+        self.device = bank.device
+        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._layout: tuple | None = None
+        self._pool = None
+        self.captures = 0                   # graphs captured so far (a new layout recaptures)
+
+    def can_run(self, row_slots: list[int]) -> bool:
+        """Whether a decode step of these rows can replay a graph: no slot takes the per-slot torch path."""
+        return len(row_slots) <= self.buckets[-1] and not any(
+            self.bank.torch_applied(s) for s in set(row_slots) if s >= 0)
+
+    @torch.inference_mode()
+    def run(self, token_ids: list[int], ctx_lens: list[int], block_tables: list[list[int]],
+            row_slots: list[int]) -> torch.Tensor:
+        """fp32 logits [B, vocab] of one decode step (row i: token_ids[i] at position ctx_lens[i] - 1)."""
+        n = len(token_ids)
+        pad_to = next(b for b in self.buckets if b >= n)
+        tenants = any(s >= 0 for s in row_slots)
+        layout = self.bank.layout_key()
+        if layout != self._layout:          # a slot buffer moved or a kind appeared: every graph is stale
+            self._graphs.clear()
+            self._layout = layout
+        (ids,) = upload_lists([token_ids], self.device)
+        embedding = self.model.embed_tokens
+        embed_rows = (self.bank.rows(row_slots)
+                      if any(embedding.slots.kinds[s] for s in set(row_slots) if s >= 0) else None)
+        hidden = embedding(ids, embed_rows)
+        attn = DecodeAttention.build(ctx_lens, block_tables, self.block_size, pad_to, self.max_blocks,
+                                     self.scratch_row, self.device)
+        rows = self.bank.static_rows(row_slots, pad_to) if tenants else None
+        g = self._graphs.get((pad_to, tenants))
+        if g is None:
+            g = self._graphs[(pad_to, tenants)] = self._capture(pad_to, attn, rows)
+        else:
+            g.attn.copy_(attn)
+            if rows is not None:
+                g.rows.copy_(rows)
+        g.hidden[:n].copy_(hidden)
+        if g.graph is None:
+            g.logits = self._step(g)
+        else:
+            g.graph.replay()
+        return g.logits[:n]
+
+    def _step(self, g: _Graph) -> torch.Tensor:
+        return self.model.logits(self.model.decoder(g.hidden, self.kv_caches, g.attn, g.rows), g.rows)
+
+    def _capture(self, pad_to: int, attn: DecodeAttention, rows: DeltaRows | None) -> _Graph:
+        """A graph over this step's inputs, which become its static tensors. Off CUDA nothing is captured."""
+        g = _Graph(torch.zeros(pad_to, self.model.config.hidden_size, device=self.device,
+                               dtype=self.model.embed_tokens.weight.dtype), attn, rows)
+        if self.device.type != "cuda":
+            return g
+        # Warm up on a side stream first: Triton autotuning and the libraries' first-call setup must not run
+        # inside the capture. The warm-up writes this step's K/V; the replay rewrites the same rows.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(g)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph, pool=self._pool):
+            g.logits = self._step(g)
+        self._pool = g.graph.pool()
+        g.keep = live_tables() + live_workspaces()   # the graph's addresses must outlive the kernels' caches
+        self.captures += 1
+        return g
