@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from deltaserve.delta_store.format import DeltaFile, LowRankDelta, QuantTier
+from deltaserve.delta_store.format import DeltaFile, LowRankDelta, QuantTier, SignDelta
 from deltaserve.delta_store.packing import num_groups, num_words
 
 G = 128
@@ -95,3 +95,25 @@ def random_delta(shapes: dict[str, tuple[int, ...]], fingerprint: str, seed: int
                  for rank, bits in deltacome_tiers(d_in, d_out, bits_per_param)]
         weights[name] = LowRankDelta(tuple(shape), tiers)
     return DeltaFile({"method": "deltacome", "base_fingerprint": fingerprint, "group_size": G}, weights)
+
+
+def block_shapes(shapes: dict[str, tuple[int, ...]], embeddings: bool = False) -> dict[str, tuple[int, ...]]:
+    """The weight matrices a delta method compresses: the transformer blocks' linear layers, as in BitDelta and
+    Delta-CoMe; with `embeddings`, embed_tokens and lm_head too. 1-D tensors are left out."""
+    def is_embedding(name: str) -> bool:
+        return "embed_tokens" in name or name.split(".")[0] == "lm_head"
+    return {n: tuple(s) for n, s in shapes.items() if len(s) == 2 and (embeddings or not is_embedding(n))}
+
+
+def random_sign_delta(shapes: dict[str, tuple[int, ...]], fingerprint: str, seed: int,
+                      embeddings: bool = False) -> DeltaFile:
+    """A bitdelta DeltaFile (random signs, one scale per matrix), seeded, for the weight matrices of `shapes`:
+    the blocks' linear layers, and embed_tokens / lm_head only with `embeddings`."""
+    g = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, (d_out, d_in) in block_shapes(shapes, embeddings).items():
+        signs = torch.randint(-2**31, 2**31 - 1, (d_out, num_words(d_in)), generator=g, dtype=torch.int64)
+        if d_in % 32:
+            signs[:, -1] &= (1 << d_in % 32) - 1        # no sign bits past the last column
+        weights[name] = SignDelta(signs.to(torch.int32), torch.rand(1, generator=g) * 1e-3, (d_out, d_in))
+    return DeltaFile({"method": "bitdelta", "base_fingerprint": fingerprint, "group_size": G}, weights)
