@@ -13,24 +13,25 @@ import triton
 import triton.language as tl
 
 
-from .bitplanes import centred_codes, unpack_tile
+from .bitplanes import tile_offsets, unpack_centred
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
                            T_RANK_CAP, T_RANKS, T_U_PLANES, T_U_SCALES, T_Z_COL, TIER_COLS, LowRankPlan,
                            z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import expand_configs, prune_to_group, work_bucket
+from .tuning import autotune, expand_configs, prune, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
-@triton.autotune(configs=expand_configs(), key=["max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
-                 prune_configs_by={"early_config_prune": prune_to_group("BLOCK_N")})
+@autotune(configs=expand_configs(), key=["max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
+          prune_configs_by={"early_config_prune": prune("BLOCK_N")})
 @triton.jit
 def _expand_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, max_d_out, work, stride_wm, stride_zm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
+    UNPACK: tl.constexpr,
 ):
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
     split = tl.program_id(0) % SPLIT_R  # this program takes rank blocks split, split + SPLIT_R, ... of each tier
@@ -47,7 +48,7 @@ def _expand_kernel(
     offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
     m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
     rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n = n0 + tile_offsets(BLOCK_N, UNPACK)  # in the order unpack_centred gives the codes
     n_words = tl.cdiv(d_out, 32)
     n_groups = tl.cdiv(d_out, group_size)
 
@@ -67,9 +68,9 @@ def _expand_kernel(
             zt = tl.load(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :],
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [M, R] fp32
             scale = tl.load(scales + offs_r * n_groups + n0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
-            codes = unpack_tile(planes, rank_cap * n_words, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
-                                BLOCK_R, BLOCK_N)  # [R, N]
-            acc += tl.dot(zt * (0.5 * scale)[None, :], centred_codes(codes, nbits, tl.float32))
+            q2 = unpack_centred(planes, rank_cap * n_words, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
+                                tl.float32, BLOCK_R, BLOCK_N, UNPACK)  # [R, N] 2 * (code - centre)
+            acc += tl.dot(zt * (0.5 * scale)[None, :], q2)
     out = ws_ptr + rows[:, None] * stride_wm + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
     tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :])
 

@@ -16,23 +16,23 @@ import triton
 import triton.language as tl
 
 
-from .bitplanes import centred_codes, unpack_tile
+from .bitplanes import tile_offsets, unpack_centred
 from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL,
                            TIER_COLS, LowRankPlan, z_columns)
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import dot_dtype, prune_to_group, shrink_configs, work_bucket
+from .tuning import autotune, dot_dtype, prune, shrink_configs, work_bucket
 
 
-@triton.autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
-                 prune_configs_by={"early_config_prune": prune_to_group("BLOCK_K")})
+@autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
+          prune_configs_by={"early_config_prune": prune("BLOCK_K")})
 @triton.jit
 def _shrink_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, max_rank_cap, work, stride_xm, stride_zm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
@@ -67,12 +67,11 @@ def _shrink_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the codes
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
-        codes = unpack_tile(planes, rank_cap * n_words, n_words, offs_r, r_mask, k0 // 32, n_words, nbits,
-                            BLOCK_R, BLOCK_K)  # [R, K]
-        q2 = centred_codes(codes, nbits, DOT_DTYPE)  # 2 * (code - centre)
+        q2 = unpack_centred(planes, rank_cap * n_words, n_words, offs_r, r_mask, k0 // 32, n_words, nbits,
+                            DOT_DTYPE, BLOCK_R, BLOCK_K, UNPACK)  # [R, K] 2 * (code - centre)
         scale = tl.load(scales + offs_r * n_groups + k0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
         acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(q2)) * (0.5 * scale)[None, :]
     s = tl.load(tl.load(desc + T_S).to(tl.pointer_type(tl.float32)) + slot64 * rank_cap + offs_r,

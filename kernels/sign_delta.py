@@ -15,11 +15,11 @@ import triton.language as tl
 
 from deltaserve.delta_store.packing import unpack_bitplanes
 
-from .bitplanes import centred_codes, unpack_tile
+from .bitplanes import tile_offsets, unpack_centred
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import dot_dtype, sign_configs, work_bucket
+from .tuning import autotune, dot_dtype, prune, sign_configs, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
@@ -44,14 +44,15 @@ def sign_plan_for(projections: list[SignProjection]) -> SignPlan:
     return SignPlan(device_table(rows, SIGN_COLS.value, device), max((p.d_out for p in projections), default=0))
 
 
-@triton.autotune(configs=sign_configs(), key=["d_in", "max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"])
+@autotune(configs=sign_configs(), key=["d_in", "max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
+          prune_configs_by={"early_config_prune": prune()})
 @triton.jit
 def _sign_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, max_d_out, work, stride_wm, stride_xm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
@@ -75,11 +76,12 @@ def _sign_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the signs
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
-        bit = unpack_tile(signs, 0, n_words, offs_n, n_mask, k0 // 32, n_words, 1, BLOCK_N, BLOCK_K)  # [N, K]
-        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(centred_codes(bit, 1, DOT_DTYPE)))  # 2 * bit - 1
+        sign = unpack_centred(signs, 0, n_words, offs_n, n_mask, k0 // 32, n_words, 1,
+                              DOT_DTYPE, BLOCK_N, BLOCK_K, UNPACK)  # [N, K] 2 * bit - 1
+        acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(sign))
     scale = tl.load(tl.load(desc + S_SCALES).to(tl.pointer_type(tl.float32)) + slot)
     out = ws_ptr + rows[:, None] * stride_wm + (tl.load(desc + S_OUT_OFFSET) + offs_n)[None, :]
     tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])

@@ -3,22 +3,35 @@
 Keys are the weight shapes, the row-tile height and a power-of-two bucket of the row-tile count (the best
 split depends on it), never the token count itself, so a new batch size rarely retunes and never recompiles.
 Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): pruned below.
+Each config also names its bit-plane unpacking strategy (UNPACK, kernels/bitplanes.py); forced_unpack runs
+one strategy alone, for tests and benchmarks.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
 import triton.language as tl
+
+from .bitplanes import UNPACK_NAMES
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _configs(names: tuple[str, str, str], rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config(dict(zip(names, (a, b, c))), num_warps=w, num_stages=st) for a, b, c, w, st in rows]
+# Config rows: (three tile sizes, UNPACK strategy name, num_warps, num_stages).
+def _configs(names: tuple[str, str, str], rows: list[tuple[int, int, int, str, int, int]]) -> list[triton.Config]:
+    return [triton.Config({**dict(zip(names, (a, b, c))), "UNPACK": UNPACK_NAMES.index(u)}, num_warps=w,
+                          num_stages=st) for a, b, c, u, w, st in rows]
+
+
+def _interpreter_rows(a: int, b: int, c: int) -> list[tuple[int, int, int, str, int, int]]:
+    """One small config per strategy: forced_unpack picks one (the first by default), so none is timed."""
+    return [(a, b, c, u, 4, 1) for u in UNPACK_NAMES]
 
 
 # Decode is latency-bound before it is bandwidth-bound: a program walks d_in (or the ranks) one tile after
@@ -28,27 +41,37 @@ def shrink_configs() -> list[triton.Config]:
     """BLOCK_R ranks x BLOCK_K input elements of V per step, d_in split SPLIT_K ways."""
     names = ("BLOCK_R", "BLOCK_K", "SPLIT_K")
     if _interpreting():
-        return _configs(names, [(16, 32, 2, 4, 1)])
-    return _configs(names, [(32, 128, 1, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3), (16, 128, 8, 4, 3),
-                            (64, 128, 4, 4, 3), (32, 64, 8, 4, 3), (16, 128, 16, 4, 3), (64, 128, 8, 8, 3)])
+        return _configs(names, _interpreter_rows(16, 32, 2))
+    return _configs(names, [
+        (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
+        (16, 128, 8, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (32, 64, 8, "planes", 4, 3),
+        (16, 128, 16, "planes", 4, 3), (64, 128, 8, "planes", 8, 3),
+        (16, 64, 8, "pairs", 4, 4), (32, 64, 8, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
+        (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)])
 
 
 def expand_configs() -> list[triton.Config]:
     """BLOCK_R ranks x BLOCK_N output elements of U per step, rank blocks dealt out SPLIT_R ways."""
     names = ("BLOCK_R", "BLOCK_N", "SPLIT_R")
     if _interpreting():
-        return _configs(names, [(16, 32, 2, 4, 1)])
-    return _configs(names, [(32, 128, 1, 4, 3), (32, 128, 4, 4, 3), (32, 128, 8, 4, 3), (64, 128, 4, 8, 3),
-                            (16, 128, 8, 4, 3), (32, 64, 4, 4, 3), (64, 64, 8, 4, 3), (32, 128, 16, 4, 3)])
+        return _configs(names, _interpreter_rows(16, 32, 2))
+    return _configs(names, [
+        (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
+        (64, 128, 4, "planes", 8, 3), (16, 128, 8, "planes", 4, 3), (32, 64, 4, "planes", 4, 3),
+        (64, 64, 8, "planes", 4, 3), (32, 128, 16, "planes", 4, 3),
+        (16, 64, 8, "pairs", 4, 4), (32, 64, 4, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
+        (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)])
 
 
 def sign_configs() -> list[triton.Config]:
     """BLOCK_N output rows x BLOCK_K input elements of the sign matrix per step, d_in split SPLIT_K ways."""
     names = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
     if _interpreting():
-        return _configs(names, [(16, 32, 2, 4, 1)])
-    return _configs(names, [(64, 128, 1, 4, 3), (64, 128, 4, 4, 3), (64, 256, 4, 8, 3), (128, 128, 4, 8, 3),
-                            (64, 128, 8, 4, 3), (32, 256, 8, 4, 3)])
+        return _configs(names, _interpreter_rows(16, 32, 2))
+    return _configs(names, [
+        (64, 128, 1, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (64, 256, 4, "planes", 8, 3),
+        (128, 128, 4, "planes", 8, 3), (64, 128, 8, "planes", 4, 3), (32, 256, 8, "planes", 4, 3),
+        (32, 128, 8, "pairs", 4, 3), (64, 128, 4, "pairs", 4, 3), (64, 256, 4, "pairs", 8, 3)])
 
 
 def work_bucket(num_row_tiles: int) -> int:
@@ -57,12 +80,50 @@ def work_bucket(num_row_tiles: int) -> int:
     return min(triton.next_power_of_2(max(num_row_tiles, 1)), 64)
 
 
-def prune_to_group(axis: str):
-    """Early-prune hook dropping configs whose tile along `axis` does not divide group_size."""
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        group_size = named_args["group_size"]
-        return [c for c in configs if group_size % c.kwargs[axis] == 0]
-    return prune
+# The strategy forced_unpack holds (None: the autotuner chooses among all). The interpreter times nothing,
+# so it always runs one: the first unless a test forces another.
+_forced: list[str | None] = [UNPACK_NAMES[0] if _interpreting() else None]
+_tuned: list[triton.runtime.Autotuner] = []
+
+
+def autotune(**kwargs) -> Callable:
+    """triton.autotune for a delta kernel: its choice is forgotten when forced_unpack changes the configs."""
+    def wrap(fn):
+        tuned = triton.autotune(**kwargs)(fn)
+        _tuned.append(tuned)
+        return tuned
+    return wrap
+
+
+@contextmanager
+def forced_unpack(strategy: str) -> Iterator[None]:
+    """Within this block every delta kernel runs only configs of `strategy` (one of UNPACK_NAMES)."""
+    if strategy not in UNPACK_NAMES:
+        raise ValueError(f"unknown unpack strategy {strategy!r}, expected one of {UNPACK_NAMES}")
+    previous = _forced[0]
+    _set_forced(strategy)
+    try:
+        yield
+    finally:
+        _set_forced(previous)
+
+
+def _set_forced(strategy: str | None) -> None:
+    _forced[0] = strategy
+    for kernel in _tuned:
+        kernel.cache.clear()
+
+
+def prune(group_axis: str | None = None):
+    """Early-prune hook keeping the forced strategy's configs and, with group_axis, only configs whose tile along
+    that axis divides group_size (a tile never spans two scale groups)."""
+    def keep(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if _forced[0] is not None:
+            configs = [c for c in configs if c.kwargs["UNPACK"] == UNPACK_NAMES.index(_forced[0])]
+        if group_axis is not None:
+            configs = [c for c in configs if named_args["group_size"] % c.kwargs[group_axis] == 0]
+        return configs
+    return keep
 
 
 def block_m_for(max_seg_len: int) -> int:
