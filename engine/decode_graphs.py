@@ -108,7 +108,9 @@ class DecodeGraphs:
                 self._step(g)
         torch.cuda.current_stream(self.device).wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._pool):
+        # thread_local: a tenant's delta staged by another thread (AsyncEngine.load_delta) may copy and allocate
+        # on its own stream meanwhile; the default mode would fail the capture on that.
+        with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
             g.logits = self._step(g)
         self._pool = g.graph.pool()
         g.keep = live_tables() + live_workspaces()   # the graph's addresses must outlive the kernels' caches
