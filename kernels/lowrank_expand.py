@@ -23,7 +23,7 @@ from .tuning import autotune, expand_configs, prune, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
-@autotune(configs=expand_configs(), key=["max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
+@autotune(configs=expand_configs(), key=["max_d_out", "group_size", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
           prune_configs_by={"early_config_prune": prune("BLOCK_N")})
 @triton.jit
 def _expand_kernel(

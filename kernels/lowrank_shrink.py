@@ -24,7 +24,7 @@ from .slots import LowRankProjection
 from .tuning import autotune, dot_dtype, prune, shrink_configs, work_bucket
 
 
-@autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
+@autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "group_size", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
           prune_configs_by={"early_config_prune": prune("BLOCK_K")})
 @triton.jit
 def _shrink_kernel(

@@ -116,14 +116,30 @@ def _set_forced(strategy: str | None) -> None:
 
 def prune(group_axis: str | None = None):
     """Early-prune hook keeping the forced strategy's configs and, with group_axis, only configs whose tile along
-    that axis divides group_size (a tile never spans two scale groups)."""
+    that axis divides group_size (a tile never spans two scale groups). A group size that no tuned tile divides
+    (32, or 96) gets the configs with that tile cut to the largest power of two dividing it (>= 32: the group
+    size is a multiple of 32), so every valid delta file runs."""
     def keep(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         if _forced[0] is not None:
             configs = [c for c in configs if c.kwargs["UNPACK"] == UNPACK_NAMES.index(_forced[0])]
         if group_axis is not None:
-            configs = [c for c in configs if named_args["group_size"] % c.kwargs[group_axis] == 0]
+            group_size = named_args["group_size"]
+            fitting = [c for c in configs if group_size % c.kwargs[group_axis] == 0]
+            configs = fitting or _with_tile(configs, group_axis, group_size & -group_size)
         return configs
     return keep
+
+
+def _with_tile(configs: list[triton.Config], axis: str, tile: int) -> list[triton.Config]:
+    """configs with their `axis` tile cut to at most `tile`, duplicates dropped."""
+    out, seen = [], set()
+    for c in configs:
+        kwargs = {**c.kwargs, axis: min(c.kwargs[axis], tile)}
+        key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
 
 
 def block_m_for(max_seg_len: int) -> int:

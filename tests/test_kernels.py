@@ -333,3 +333,18 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     got_delta, want_delta = (y[~base].double() - y0[~base].double()), (want[~base].double() - y0[~base].double())
     rel = ((got_delta - want_delta).norm() / want_delta.norm()).item()
     assert rel < 3e-3, f"seed {seed}: relative error of the delta {rel}"
+
+
+@pytest.mark.parametrize("group_size, tile", [(32, 32), (96, 32), (64, 64), (256, 256)])
+def test_autotune_prune_fits_tiles_to_any_group_size(group_size, tile):
+    """The GPU configs tile 64..256 elements; a delta file with a group size none divides must still run."""
+    import triton
+
+    from deltaserve.kernels.tuning import prune
+    gpu_configs = [triton.Config({"BLOCK_R": 32, "BLOCK_K": k, "SPLIT_K": 4, "UNPACK": u}, num_warps=4, num_stages=3)
+                   for k in (128, 256) for u in range(len(UNPACK_NAMES))]
+    with forced_unpack(UNPACK_NAMES[0]):
+        kept = prune("BLOCK_K")(gpu_configs, {"group_size": group_size})
+    assert kept and all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
+    assert max(c.kwargs["BLOCK_K"] for c in kept) == tile
+    assert all(c.kwargs["UNPACK"] == 0 for c in kept)
