@@ -17,6 +17,7 @@ from .bitplanes import tile_offsets, unpack_centred
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
                            T_RANK_CAP, T_RANKS, T_U_PLANES, T_U_SCALES, T_Z_COL, TIER_COLS, LowRankPlan,
                            z_columns)
+from .segment_tiles import segment_tile_rows
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import autotune, expand_configs, prune, work_bucket
@@ -45,9 +46,8 @@ def _expand_kernel(
         return
     slot = tl.load(seg_slots_ptr + seg)
     slot64 = slot.to(tl.int64)
-    offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
-    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
+                                     BLOCK_M)
     offs_n = n0 + tile_offsets(BLOCK_N, UNPACK)  # in the order unpack_centred gives the codes
     n_words = tl.cdiv(d_out, 32)
     n_groups = tl.cdiv(d_out, group_size)

@@ -19,6 +19,7 @@ import triton.language as tl
 from .bitplanes import tile_offsets, unpack_centred
 from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL,
                            TIER_COLS, LowRankPlan, z_columns)
+from .segment_tiles import segment_tile_rows, split_k_range
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import autotune, dot_dtype, prune, shrink_configs, work_bucket
@@ -35,8 +36,7 @@ def _shrink_kernel(
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
-    k_begin = (tl.program_id(0) % SPLIT_K) * k_chunk
+    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
     desc = tiers_ptr + tier * TIER_COLS
     rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
     r0 = pid_r * BLOCK_R
@@ -53,9 +53,8 @@ def _shrink_kernel(
     bits_cap = tl.load(desc + T_BITS_CAP).to(tl.int32)
     z_col = tl.load(desc + T_Z_COL).to(tl.int32)
 
-    offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
-    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
+                                     BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
 
@@ -66,7 +65,7 @@ def _shrink_kernel(
     scales = tl.load(desc + T_V_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the codes
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]

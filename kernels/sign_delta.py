@@ -16,6 +16,7 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
+from .segment_tiles import segment_tile_rows, split_k_range
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
@@ -55,8 +56,7 @@ def _sign_kernel(
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K  # this program's share of d_in
-    k_begin = (tl.program_id(0) % SPLIT_K) * k_chunk
+    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
     desc = projs_ptr + proj * SIGN_COLS
     d_out = tl.load(desc + S_D_OUT).to(tl.int32)
     n0 = pid_n * BLOCK_N
@@ -66,16 +66,15 @@ def _sign_kernel(
     if seg < 0:  # padding tile of static metadata
         return
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    offs_m = tl.load(blk_start_ptr + pid_m) + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
-    rows = tl.load(sorted_rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
+                                     BLOCK_M)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < d_out
     n_words = tl.cdiv(d_in, 32)
     signs = tl.load(desc + S_SIGNS).to(tl.pointer_type(tl.int32)) + slot * d_out * n_words
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_begin, tl.minimum(k_begin + k_chunk, d_in), BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the signs
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
