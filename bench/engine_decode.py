@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltaserve_bench"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the eager step, for comparison)")
     ap.add_argument("--profile", action="store_true", help="also profile batch 1 with one tenant (a .txt table)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -70,7 +71,8 @@ def main() -> None:
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     path = default_model_path() if args.model == "smollm2" else random_7b(args.work / "llama2-7b-random", args.device)
     engine = LLMEngine(EngineConfig(str(path), device=args.device, dtype=dtype, max_slots=max(max(tenants), 1),
-                                    max_num_seqs=max(batches), max_model_len=args.prompt_len + args.steps + 8))
+                                    max_num_seqs=max(batches), max_model_len=args.prompt_len + args.steps + 8,
+                                    cuda_graphs=False if args.eager else None))
     for slot in range(max(tenants)):
         engine.load_delta(slot, random_delta(engine.base_shapes, engine.base_fingerprint, seed=slot))
     vocab = engine.runner.model.config.vocab_size
@@ -91,9 +93,11 @@ def main() -> None:
     result = {"model": args.model, "device": device, "dtype": dtype, "steps": args.steps,
               "prompt_len": args.prompt_len, "kv_blocks": stats.kv_blocks_total,
               "delta_slot_bytes": stats.delta_slot_bytes, "backbone_bytes": stats.backbone_bytes, "rows": rows}
-    stem = args.out / f"engine_decode_{args.model}"
+    graphs = args.device.startswith("cuda") and not args.eager
+    result["cuda_graphs"] = graphs
+    stem = args.out / f"engine_decode_{'graphs' if graphs else 'eager'}_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Engine decode, {args.model} on {device} ({dtype})", "", "| batch | tenants | decode tok/s |",
+    lines = [f"# Engine decode, {args.model} on {device} ({dtype}, {'CUDA graphs' if graphs else 'eager'})", "", "| batch | tenants | decode tok/s |",
              "|---:|---:|---:|"] + [f"| {r['batch']} | {r['tenants']} | {r['decode_tok_s']} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

@@ -348,3 +348,24 @@ def test_autotune_prune_fits_tiles_to_any_group_size(group_size, tile):
     assert kept and all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
     assert max(c.kwargs["BLOCK_K"] for c in kept) == tile
     assert all(c.kwargs["UNPACK"] == 0 for c in kept)
+
+
+def test_autotune_skips_a_config_the_compiler_rejects():
+    """A failed compiler pass costs that config its place in the tuning, not the request; other errors surface."""
+    import triton
+
+    from deltaserve.kernels.tuning import _skipping_rejected
+    good, bad = triton.Config({"BLOCK_N": 64}), triton.Config({"BLOCK_N": 128})
+
+    def bench(*args, config, **meta):
+        if config is bad:
+            raise RuntimeError("PassManager::run failed")
+        return [1.0, 1.0, 1.0]
+    with pytest.warns(UserWarning, match="does not compile"):
+        timings = {c: _skipping_rejected(bench, "k")(config=c) for c in (good, bad)}
+    assert timings[good] == [1.0] * 3 and timings[bad] == [float("inf")] * 3
+
+    def broken(*args, config, **meta):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        _skipping_rejected(broken, "k")(config=good)
