@@ -76,9 +76,9 @@ class ServerProcess:
         self.spec.store.mkdir(parents=True, exist_ok=True)
         config = self.log_path.with_suffix(".yaml")
         config.write_text(yaml.safe_dump(self._config()))
-        cli = Path(sys.executable).with_name("deltaserve")
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([str(cli), "serve", "--config", str(config), "--log-level", "warning"],
+        # `python -m` rather than the `deltaserve` script: the GPU machine runs the checkout uninstalled.
+        self.proc = subprocess.Popen([sys.executable, "-m", "deltaserve.server.cli", "serve", "--config", str(config), "--log-level", "warning"],
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
