@@ -85,22 +85,26 @@ def main() -> None:
                 rate = decode_rate(engine, b, t, args.steps, args.prompt_len, vocab)
                 rows.append({"batch": b, "tenants": t, "decode_tok_s": round(rate, 1)})
                 print(json.dumps(rows[-1]), flush=True)
+                write_results(args, engine, dtype, rows)   # after every point: a run cut short keeps its points
     if args.profile:
         decode_rate(engine, 1, min(1, max(tenants)), 8, args.prompt_len, vocab,
                     profile=args.out / f"engine_profile_{args.model}.txt")
+
+
+def write_results(args: argparse.Namespace, engine: LLMEngine, dtype: str, rows: list[dict]) -> None:
+    """engine_decode_{graphs|eager}_{model}.json and .md under args.out."""
     stats = engine.stats()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    result = {"model": args.model, "device": device, "dtype": dtype, "steps": args.steps,
+    graphs = args.device.startswith("cuda") and not args.eager
+    result = {"model": args.model, "device": device, "dtype": dtype, "cuda_graphs": graphs, "steps": args.steps,
               "prompt_len": args.prompt_len, "kv_blocks": stats.kv_blocks_total,
               "delta_slot_bytes": stats.delta_slot_bytes, "backbone_bytes": stats.backbone_bytes, "rows": rows}
-    graphs = args.device.startswith("cuda") and not args.eager
-    result["cuda_graphs"] = graphs
     stem = args.out / f"engine_decode_{'graphs' if graphs else 'eager'}_{args.model}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Engine decode, {args.model} on {device} ({dtype}, {'CUDA graphs' if graphs else 'eager'})", "", "| batch | tenants | decode tok/s |",
-             "|---:|---:|---:|"] + [f"| {r['batch']} | {r['tenants']} | {r['decode_tok_s']} |" for r in rows]
+    lines = [f"# Engine decode, {args.model} on {device} ({dtype}, {'CUDA graphs' if graphs else 'eager'})", "",
+             "| batch | tenants | decode tok/s |", "|---:|---:|---:|"]
+    lines += [f"| {r['batch']} | {r['tenants']} | {r['decode_tok_s']} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
 
 if __name__ == "__main__":
     main()

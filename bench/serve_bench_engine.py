@@ -1,7 +1,6 @@
 """Engine helpers of bench/serve.py: build and free engines, fill slots, time decode steps, copy bandwidth."""
 from __future__ import annotations
 
-import dataclasses
 import gc
 import time
 
@@ -15,10 +14,7 @@ GiB = 1 << 30
 
 
 def build_engine(model: str, device: str, dtype: str, **options) -> LLMEngine:
-    """An engine of EngineConfig(model, device, dtype, **options). `cuda_graphs` is passed only to engines
-    that have the option (older ones have no graphs to turn off)."""
-    if "cuda_graphs" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-        options.pop("cuda_graphs", None)
+    """An engine of EngineConfig(model, device, dtype, **options)."""
     return LLMEngine(EngineConfig(model, device=device, dtype=dtype, **options))
 
 

@@ -25,7 +25,7 @@ from .workspace import add_workspace, fp32_workspace
 
 
 @autotune(configs=expand_configs(), key=["max_d_out", "group_size", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
-          prune_configs_by={"early_config_prune": prune("BLOCK_N")})
+          prune_configs_by={"early_config_prune": prune("BLOCK_N", pairs_below_block_m=64)})
 @triton.jit
 def _expand_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,

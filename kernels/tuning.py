@@ -131,14 +131,19 @@ def _set_forced(strategy: str | None) -> None:
         kernel.cache.clear()
 
 
-def prune(group_axis: str | None = None):
+def prune(group_axis: str | None = None, pairs_below_block_m: int | None = None):
     """Early-prune hook keeping the forced strategy's configs and, with group_axis, only configs whose tile along
     that axis divides group_size (a tile never spans two scale groups). A group size that no tuned tile divides
     (32, or 96) gets the configs with that tile cut to the largest power of two dividing it (>= 32: the group
-    size is a multiple of 32), so every valid delta file runs."""
+    size is a multiple of 32), so every valid delta file runs.
+    pairs_below_block_m drops UNPACK_PAIRS configs at row tiles of that height or more: triton 3.6 rejects all of
+    them in the expand kernel at BLOCK_M 64 on the H100 ("Illegal shared layout" in TritonGPUOptimizeDotOperands),
+    and each failed compile costs seconds on every new tuning key. A forced "pairs" then runs the planes configs."""
     def keep(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        if pairs_below_block_m is not None and kwargs.get("BLOCK_M", 0) >= pairs_below_block_m:
+            configs = [c for c in configs if c.kwargs["UNPACK"] != UNPACK_NAMES.index("pairs")]
         if _forced[0] is not None:
-            configs = [c for c in configs if c.kwargs["UNPACK"] == UNPACK_NAMES.index(_forced[0])]
+            configs = [c for c in configs if c.kwargs["UNPACK"] == UNPACK_NAMES.index(_forced[0])] or configs
         if group_axis is not None:
             group_size = named_args["group_size"]
             fitting = [c for c in configs if group_size % c.kwargs[group_axis] == 0]

@@ -369,3 +369,20 @@ def test_autotune_skips_a_config_the_compiler_rejects():
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         _skipping_rejected(broken, "k")(config=good)
+
+
+def test_autotune_drops_pairs_configs_the_compiler_rejects():
+    """Expand at BLOCK_M 64 tunes only the planes strategy (triton 3.6 cannot compile pairs there); smaller row
+    tiles keep both, and a forced "pairs" falls back to planes rather than to no config at all."""
+    import triton
+
+    from deltaserve.kernels.tuning import prune
+    configs = [triton.Config({"BLOCK_R": 32, "BLOCK_N": 128, "SPLIT_R": 4, "UNPACK": u}) for u in range(len(UNPACK_NAMES))]
+    pairs = UNPACK_NAMES.index("pairs")
+    hook = prune("BLOCK_N", pairs_below_block_m=64)
+    at = lambda block_m: {c.kwargs["UNPACK"] for c in hook(configs, {"group_size": 128}, BLOCK_M=block_m)}
+    with forced_unpack("planes"):
+        assert at(64) == at(16) == {UNPACK_NAMES.index("planes")}
+    with forced_unpack("pairs"):
+        assert at(16) == {pairs}
+        assert at(64) == {UNPACK_NAMES.index("planes")}
