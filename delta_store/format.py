@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import _getdtype as _safetensors_dtype  # the library's own name -> dtype table
 from safetensors.torch import save_file
 
 from .packing import MAX_BITS, dequantize, num_groups, num_words, unpack_bitplanes
@@ -208,14 +210,58 @@ def load_delta(
 ) -> DeltaFile:
     """Read and validate a delta file; DeltaFormatError naming the field or tensor on any problem."""
     path = Path(path)
+    raw, tensors = _read_safetensors(path, lambda f: {name: f.get_tensor(name) for name in f.keys()})
+    return _checked_delta(path, raw, tensors, expected_fingerprint, base_shapes)
+
+
+def load_delta_buffer(
+    path: str | Path, data: bytearray, expected_fingerprint: str | None = None,
+    base_shapes: Mapping[str, tuple] | None = None,
+) -> DeltaFile:
+    """load_delta for a file whose exact bytes the caller already holds in ``data``: the same checks and
+    errors (safetensors still validates the header at ``path``), but the tensors are views into ``data``,
+    so a caller that has read the file (to hash it) does not read and copy every tensor again."""
+    path = Path(path)
+    raw, tensors = _read_safetensors(path, lambda f: _tensor_views(data))
+    return _checked_delta(path, raw, tensors, expected_fingerprint, base_shapes)
+
+
+def _read_safetensors(path: Path, read_tensors: Callable[[safe_open], dict[str, torch.Tensor]]
+                      ) -> tuple[str, dict[str, torch.Tensor]]:
+    """The raw deltaserve metadata and the tensors (from ``read_tensors`` once the header is accepted)."""
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
             if raw is None:
                 raise DeltaFormatError(f"{path}: no {METADATA_KEY!r} metadata (not a deltaserve delta file)")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            return raw, read_tensors(f)
     except (SafetensorError, OSError) as exc:
         raise DeltaFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file in memory, as views into ``data`` (no copy). Only for bytes whose
+    header safetensors has accepted: offsets, sizes and dtypes are trusted here."""
+    (header_len,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8:8 + header_len])
+    start = 8 + header_len
+    views = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _safetensors_dtype(info["dtype"])
+        begin, end = info["data_offsets"]
+        if begin == end:  # frombuffer refuses an empty range
+            views[name] = torch.empty(info["shape"], dtype=dtype)
+            continue
+        flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+        views[name] = flat.view(info["shape"])
+    return views
+
+
+def _checked_delta(path: Path, raw: str, tensors: Mapping[str, torch.Tensor], expected_fingerprint: str | None,
+                   base_shapes: Mapping[str, tuple] | None) -> DeltaFile:
+    """Parse the metadata and check it, the tensors, the base fingerprint and the base shapes."""
     try:
         metadata = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -242,14 +288,30 @@ def _require(ok: bool, message: str) -> None:
         raise DeltaFormatError(message)
 
 
-def _tensor(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+def _tensor(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple,
+            floats: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """The tensor, its dtype and shape checked; a floating one is added to ``floats`` for _require_finite."""
     _require(name in tensors, f"tensor {name!r} is missing")
     t = tensors[name]
     _require(t.dtype == dtype, f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")
     _require(tuple(t.shape) == tuple(shape), f"tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}")
-    if t.is_floating_point():
-        _require(bool(torch.isfinite(t).all()), f"tensor {name!r} contains NaN or Inf")
+    if dtype.is_floating_point:
+        floats.append((name, t))
     return t
+
+
+def _require_finite(floats: list[tuple[str, torch.Tensor]]) -> None:
+    """No NaN or Inf in ``floats``; the message names the first offender.
+
+    A delta has thousands of small tensors: one torch call per tensor costs more than the data (and each
+    call releases the GIL, so concurrent uploads thrash it). One foreach call over all of them instead:
+    a max-abs norm is finite exactly when the tensor is."""
+    if not floats:
+        return
+    norms = torch._foreach_norm([t for _, t in floats], float("inf"))
+    bad = torch.nonzero(~torch.isfinite(torch.stack(norms))).flatten()  # stack promotes fp16 and fp32 alike
+    if len(bad):
+        raise DeltaFormatError(f"tensor {floats[int(bad[0])][0]!r} contains NaN or Inf")
 
 
 def parse_weights(metadata: dict, tensors: Mapping[str, torch.Tensor]) -> dict[str, WeightDelta]:
@@ -266,21 +328,34 @@ def parse_weights(metadata: dict, tensors: Mapping[str, torch.Tensor]) -> dict[s
              f"group_size {group_size!r} is not a positive multiple of 32")
     entries = metadata.get("weights")
     _require(isinstance(entries, dict), "metadata 'weights' is missing")
-    weights: dict[str, WeightDelta] = {}
-    used: set[str] = set()
-    for name, entry in entries.items():
-        delta = _parse_weight(name, entry, method, group_size, tensors)
-        stored = weight_bytes(delta)
-        _require(entry.get("bytes") == stored, f"weight {name!r}: metadata bytes {entry.get('bytes')} != stored {stored}")
-        used.update(f"{name}/{key}" for key in delta.tensors())
-        weights[name] = delta
+    floats: list[tuple[str, torch.Tensor]] = []  # checked tensors awaiting one batched finiteness check
+    try:
+        weights = _parse_entries(entries, method, group_size, tensors, floats)
+    except DeltaFormatError:
+        _require_finite(floats)  # a non-finite tensor checked before the failure is reported first, as before
+        raise
+    _require_finite(floats)
+    used = {f"{name}/{key}" for name, delta in weights.items() for key in delta.tensors()}
     extra = sorted(set(tensors) - used)
     if extra:
         raise DeltaFormatError(f"tensor {extra[0]!r} is not described by the metadata")
     return weights
 
 
-def _parse_weight(name: str, entry: dict, method: str, group_size: int, tensors: Mapping) -> WeightDelta:
+def _parse_entries(entries: dict, method: str, group_size: int, tensors: Mapping,
+                   floats: list[tuple[str, torch.Tensor]]) -> dict[str, WeightDelta]:
+    """Each metadata entry checked against its tensors (finiteness aside: see _tensor)."""
+    weights: dict[str, WeightDelta] = {}
+    for name, entry in entries.items():
+        delta = _parse_weight(name, entry, method, group_size, tensors, floats)
+        stored = weight_bytes(delta)
+        _require(entry.get("bytes") == stored, f"weight {name!r}: metadata bytes {entry.get('bytes')} != stored {stored}")
+        weights[name] = delta
+    return weights
+
+
+def _parse_weight(name: str, entry: dict, method: str, group_size: int, tensors: Mapping,
+                  floats: list[tuple[str, torch.Tensor]]) -> WeightDelta:
     _require(isinstance(entry, dict), f"weight {name!r}: metadata entry is not an object")
     shape = entry.get("shape")
     _require(isinstance(shape, list) and len(shape) in (1, 2) and all(isinstance(n, int) and n > 0 for n in shape),
@@ -289,11 +364,11 @@ def _parse_weight(name: str, entry: dict, method: str, group_size: int, tensors:
     allowed = {"dense"} if len(shape) == 1 else {METHOD_KINDS[method]}
     _require(kind in allowed, f"weight {name!r}: kind {kind!r} is not valid for method {method!r} and shape {shape}")
     if kind == "dense":
-        return DenseDelta(_tensor(tensors, f"{name}/delta", torch.float16, shape))
+        return DenseDelta(_tensor(tensors, f"{name}/delta", torch.float16, shape, floats))
     d_out, d_in = shape
     if kind == "sign":
-        signs = _tensor(tensors, f"{name}/signs", torch.int32, (d_out, num_words(d_in)))
-        return SignDelta(signs, _tensor(tensors, f"{name}/scale", torch.float32, (1,)), (d_out, d_in))
+        signs = _tensor(tensors, f"{name}/signs", torch.int32, (d_out, num_words(d_in)), floats)
+        return SignDelta(signs, _tensor(tensors, f"{name}/scale", torch.float32, (1,), floats), (d_out, d_in))
     specs = entry.get("tiers")
     _require(isinstance(specs, list) and len(specs) > 0, f"weight {name!r}: 'tiers' must be a non-empty list")
     tiers: list[QuantTier | FloatTier] = []
@@ -304,17 +379,17 @@ def _parse_weight(name: str, entry: dict, method: str, group_size: int, tensors:
         _require(bits == FLOAT_BITS if want_float else isinstance(bits, int) and 1 <= bits <= MAX_BITS,
                  f"weight {name!r} tier {t}: bits {bits!r} not valid for method {method!r}")
         key = f"{name}/t{t}"
-        s = _tensor(tensors, f"{key}/s", torch.float32, (rank,))
+        s = _tensor(tensors, f"{key}/s", torch.float32, (rank,), floats)
         if want_float:
-            tiers.append(FloatTier(_tensor(tensors, f"{key}/u", torch.float16, (rank, d_out)),
-                                   _tensor(tensors, f"{key}/v", torch.float16, (rank, d_in)), s))
+            tiers.append(FloatTier(_tensor(tensors, f"{key}/u", torch.float16, (rank, d_out), floats),
+                                   _tensor(tensors, f"{key}/v", torch.float16, (rank, d_in), floats), s))
             continue
         tiers.append(QuantTier(
             bits, rank,
-            _tensor(tensors, f"{key}/u_planes", torch.int32, (bits, rank, num_words(d_out))),
-            _tensor(tensors, f"{key}/u_scales", torch.float16, (rank, num_groups(d_out, group_size))),
-            _tensor(tensors, f"{key}/v_planes", torch.int32, (bits, rank, num_words(d_in))),
-            _tensor(tensors, f"{key}/v_scales", torch.float16, (rank, num_groups(d_in, group_size))),
+            _tensor(tensors, f"{key}/u_planes", torch.int32, (bits, rank, num_words(d_out)), floats),
+            _tensor(tensors, f"{key}/u_scales", torch.float16, (rank, num_groups(d_out, group_size)), floats),
+            _tensor(tensors, f"{key}/v_planes", torch.int32, (bits, rank, num_words(d_in)), floats),
+            _tensor(tensors, f"{key}/v_scales", torch.float16, (rank, num_groups(d_in, group_size)), floats),
             s,
         ))
     _require(sum(tier.rank for tier in tiers) <= min(d_out, d_in), f"weight {name!r}: total rank exceeds {min(d_out, d_in)}")

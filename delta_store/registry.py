@@ -4,7 +4,7 @@ Layout under ``root``::
 
     registry.sqlite3                    tenants, delta_versions, api_keys
     deltas/<tenant>/v<N>.safetensors    one immutable file per version
-    staging/                            uploads being copied and validated; emptied at every open
+    staging/                            uploads being copied (or moved) and validated; emptied at every open
 
 Crash safety rests on one ordering: a version's file is fsynced and renamed into place before the row
 naming it commits, and rows are deleted before their files. So every row names a complete file, and a
@@ -25,17 +25,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from deltaserve.delta_store import apikeys
-from deltaserve.delta_store.format import DeltaFile, load_delta
+from deltaserve.delta_store.format import DeltaFile, load_delta_buffer
 
 log = logging.getLogger(__name__)
 
 # Names become directory names and OpenAI `model` ids: no path separators, no leading dot.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_FILE_RE = re.compile(r"^v([0-9]+)\.safetensors$")
-_COPY_CHUNK = 8 * 2**20
 _VERSION_COLUMNS = "tenant, version, size_bytes, sha256, method, bits_per_param, created"
 
 _SCHEMA = """
@@ -115,6 +114,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_all(file: BinaryIO) -> bytearray:
+    """The rest of an open file in one writable buffer (tensors are made as views into it)."""
+    data = bytearray(os.fstat(file.fileno()).st_size)
+    with memoryview(data) as view:
+        got = 0
+        while got < len(data) and (n := file.readinto(view[got:])):
+            got += n
+    del data[got:]  # the file shrank meanwhile: keep what was read
+    return data
+
+
+def _copy_synced(src: Path, dst: Path) -> bytearray:
+    """Copy src to dst, fsync it, and return the bytes written."""
+    with open(src, "rb") as fin:
+        data = _read_all(fin)
+    with open(dst, "wb") as fout:
+        fout.write(data)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return data
+
+
+def _move_synced(src: Path, dst: Path) -> bytearray:
+    """Rename src to dst (no copy), fsync it, and return its bytes."""
+    os.replace(src, dst)
+    with open(dst, "rb") as f:
+        data = _read_all(f)
+        os.fsync(f.fileno())  # the writer did not: the version must be durable before its row commits
+    return data
 
 
 class TenantStore:
@@ -225,11 +255,26 @@ class TenantStore:
         (a ValueError) for an invalid file; on any error the previous version keeps serving and no
         file is left behind.
         """
+        return self._put(name, lambda staged: _copy_synced(Path(upload_path), staged))
+
+    def adopt_delta(self, name: str, upload_path: Path) -> DeltaVersion:
+        """put_delta for a file handed over to the store (the server's own upload): it is renamed into
+        staging instead of copied, so it must be on the store's filesystem and nothing else may write it.
+        Once the tenant is found the file is the store's: gone from ``upload_path`` whatever the outcome.
+        """
+        return self._put(name, lambda staged: _move_synced(Path(upload_path), staged))
+
+    def _put(self, name: str, stage: Callable[[Path], bytearray]) -> DeltaVersion:
+        """Stage a file (``stage`` puts it at the path given, fsynced, and returns its bytes), validate
+        those bytes and install them as the next version."""
         self.get_tenant(name)  # fail before copying a large file for an unknown tenant
         staged = self._staging / f"{uuid.uuid4().hex}.part"
         try:
-            size, sha256 = self._copy_synced(Path(upload_path), staged)
-            delta = load_delta(staged, expected_fingerprint=self.base_fingerprint, base_shapes=self.base_shapes)
+            data = stage(staged)
+            # One read serves hashing and validation: the tensors checked are views into these bytes.
+            sha256 = hashlib.sha256(data).hexdigest()
+            delta = load_delta_buffer(staged, data, expected_fingerprint=self.base_fingerprint,
+                                      base_shapes=self.base_shapes)
             if self.accept is not None:
                 self.accept(delta)
             metadata = delta.metadata
@@ -243,7 +288,7 @@ class TenantStore:
                 if row is None:  # deleted while we validated
                     raise TenantNotFound(f"tenant {name!r} does not exist")
                 version = DeltaVersion(
-                    tenant=name, version=row[0] + 1, path=self._version_path(name, row[0] + 1), size_bytes=size,
+                    tenant=name, version=row[0] + 1, path=self._version_path(name, row[0] + 1), size_bytes=len(data),
                     sha256=sha256, method=str(metadata.get("method", "unknown")),
                     bits_per_param=float(bits) if bits is not None else None, created=time.time(),
                 )
@@ -319,20 +364,6 @@ class TenantStore:
     def _version(self, row: tuple) -> DeltaVersion:
         tenant, version, size, sha256, method, bits, created = row
         return DeltaVersion(tenant, version, self._version_path(tenant, version), size, sha256, method, bits, created)
-
-    @staticmethod
-    def _copy_synced(src: Path, dst: Path) -> tuple[int, str]:
-        """Copy src to dst, fsync it, and return (size, sha256) of the bytes written."""
-        digest = hashlib.sha256()
-        size = 0
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            while chunk := fin.read(_COPY_CHUNK):
-                digest.update(chunk)
-                fout.write(chunk)
-                size += len(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        return size, digest.hexdigest()
 
     def _install(self, staged: Path, version: DeltaVersion) -> None:
         """Rename the validated file into place, then flip the current version in one transaction."""
