@@ -32,7 +32,6 @@ from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import _getdtype as _safetensors_dtype  # the library's own name -> dtype table
 from safetensors.torch import save_file
 
 from .packing import MAX_BITS, dequantize, num_groups, num_words, unpack_bitplanes
@@ -239,6 +238,12 @@ def _read_safetensors(path: Path, read_tensors: Callable[[safe_open], dict[str, 
         raise DeltaFormatError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+# safetensors dtype names of the tensors a delta file may hold (others are refused by name).
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+                       "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "BOOL": torch.bool}
+
+
 def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file in memory, as views into ``data`` (no copy). Only for bytes whose
     header safetensors has accepted: offsets, sizes and dtypes are trusted here."""
@@ -249,7 +254,9 @@ def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = _safetensors_dtype(info["dtype"])
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise DeltaFormatError(f"tensor {name!r} has dtype {info['dtype']}, which no delta tensor has")
         begin, end = info["data_offsets"]
         if begin == end:  # frombuffer refuses an empty range
             views[name] = torch.empty(info["shape"], dtype=dtype)

@@ -130,23 +130,18 @@ async def put_delta(name: str, request: Request) -> TenantOut:
     upload = await receive_to_file(request, uploads_dir(state), state.config.server.max_upload_bytes, ".safetensors")
     try:
         with registry_errors():
-            await install_upload(state, name, upload)
+            await install_delta(state, name, upload, adopt=True)
             return TenantOut.of(state.store.get_tenant(name), state)
     finally:
         upload.unlink(missing_ok=True)
 
 
-async def install_delta(state: ServerState, name: str, path: Path) -> None:
+async def install_delta(state: ServerState, name: str, path: Path, adopt: bool = False) -> None:
     """Validate and store a new version (in a worker thread: it reads and checks the whole file), then
-    have the tiers drop the old one so the next request loads the new. The store copies ``path``."""
-    await asyncio.to_thread(state.store.put_delta, name, path)
-    await state.cache.refresh(name)
-
-
-async def install_upload(state: ServerState, name: str, upload: Path) -> None:
-    """install_delta for an upload the server received into the store's folder: nobody else has the file,
-    so the store takes it over by renaming instead of copying it."""
-    await asyncio.to_thread(state.store.adopt_delta, name, upload)
+    have the tiers drop the old one so the next request loads the new. The store copies ``path``, or with
+    ``adopt`` (an upload the server received into the store's folder, which nobody else has) takes it over
+    by renaming it."""
+    await asyncio.to_thread(state.store.adopt_delta if adopt else state.store.put_delta, name, path)
     await state.cache.refresh(name)
 
 

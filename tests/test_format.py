@@ -11,11 +11,13 @@ from safetensors.torch import save_file
 from deltaserve.delta_store import DeltaFormatError, load_delta
 from deltaserve.delta_store.format import (
     METADATA_KEY,
+    DeltaFile,
     DenseDelta,
     FloatTier,
     LowRankDelta,
     QuantTier,
     SignDelta,
+    load_delta_buffer,
     write_delta,
 )
 from deltaserve.delta_store.packing import pack_bitplanes, quantize_groups
@@ -110,12 +112,31 @@ BAD_FILES = [
 ]
 
 
-@pytest.mark.parametrize("meta_edit, tensor_edit, message", BAD_FILES)
-def test_invalid_files_are_refused(tmp_path: Path, meta_edit, tensor_edit, message: str) -> None:
+def load_from_bytes(path: Path, **checks) -> DeltaFile:
+    """The upload path's loader: the bytes already read (and hashed) by the store, tensors as views."""
+    return load_delta_buffer(path, bytearray(path.read_bytes()), **checks)
+
+
+LOADERS = [pytest.param(load_delta, id="file"), pytest.param(load_from_bytes, id="bytes")]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+@pytest.mark.parametrize("meta_edit, tensor_edit, message", BAD_FILES + [
+    (None, lambda t: t.__setitem__("a.weight/t0/s", t["a.weight/t0/s"].to(torch.uint16)), "dtype"),
+])
+def test_invalid_files_are_refused(tmp_path: Path, meta_edit, tensor_edit, message: str, loader) -> None:
     good = write_delta(tmp_path / "good.safetensors", sample_weights("deltacome"), header("deltacome"))
     bad = rewrite(good, tmp_path / "bad.safetensors", meta_edit, tensor_edit)
     with pytest.raises(DeltaFormatError, match=message.replace("(", r"\(")):
-        load_delta(bad)
+        loader(bad)
+
+
+@pytest.mark.parametrize("method", ["deltacome", "svd", "bitdelta", "dense"])
+def test_loading_from_bytes_equals_loading_the_file(tmp_path: Path, method: str) -> None:
+    path = write_delta(tmp_path / "d.safetensors", sample_weights(method), header(method))
+    from_file, from_bytes = load_delta(path).dense_deltas(), load_from_bytes(path).dense_deltas()
+    assert set(from_file) == set(from_bytes)
+    assert all(torch.equal(from_file[name], from_bytes[name]) for name in from_file)
 
 
 def test_fingerprint_and_base_shape_mismatch(tmp_path: Path) -> None:
