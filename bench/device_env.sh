@@ -4,3 +4,17 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 mkdir -p /tmp/dsp/deltaserve
 for part in server kernels delta_store engine; do ln -sfn "$PWD/$part" "/tmp/dsp/deltaserve/$part"; done
 export PYTHONPATH=/tmp/site:/tmp/dsp:$PWD/bench:$PWD/tests PYTHONUNBUFFERED=1
+# Fail here, naming the module, rather than minutes into a benchmark (a newer fastapi or openai wheel may need
+# a dependency wheels.sh does not fetch: pass it to wheels.sh as an extra name).
+python3 - <<'PY' || return 1
+import importlib, sys
+missing = []
+for name in ("fastapi", "uvicorn", "pydantic", "gguf", "yaml", "openai"):
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        missing.append(f"{name} ({exc})")
+if missing:
+    sys.exit("device_env: cannot import " + "; ".join(missing) + ". Known extras: ../shared/device/wheels.sh "
+             "openai distro jiter httpx2 opentelemetry-api importlib_metadata zipp")
+PY
