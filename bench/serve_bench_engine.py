@@ -77,14 +77,23 @@ def step_time(engine: LLMEngine, row_slots: list[int], warmup: int, steps: int, 
     for _ in range(warmup):
         engine.step()
     sync(engine.runner.device)
+    captures = graph_captures(engine)
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     sync(engine.runner.device)
     elapsed = time.perf_counter() - t0
+    if graph_captures(engine) != captures:  # the warm-up did not reach the steady state: say so in the log
+        print(f"warning: {graph_captures(engine) - captures} CUDA graph capture(s) inside the timed steps of "
+              f"batch {batch}, slots {sorted(set(row_slots))[:8]}", flush=True)
     for rid in ids:
         engine.abort(rid)
     return elapsed / steps
+
+
+def graph_captures(engine: LLMEngine) -> int:
+    """Decode graphs the engine has captured so far (0 without graphs)."""
+    return engine.runner.graphs.captures if engine.runner.graphs is not None else 0
 
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
