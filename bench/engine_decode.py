@@ -95,7 +95,7 @@ def write_results(args: argparse.Namespace, engine: LLMEngine, dtype: str, rows:
     """engine_decode_{graphs|eager}_{model}.json and .md under args.out."""
     stats = engine.stats()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    graphs = args.device.startswith("cuda") and not args.eager
+    graphs = engine.runner.graphs is not None and engine.runner.device.type == "cuda"  # on CPU: uncaptured
     result = {"model": args.model, "device": device, "dtype": dtype, "cuda_graphs": graphs, "steps": args.steps,
               "prompt_len": args.prompt_len, "kv_blocks": stats.kv_blocks_total,
               "delta_slot_bytes": stats.delta_slot_bytes, "backbone_bytes": stats.backbone_bytes, "rows": rows}
@@ -105,6 +105,7 @@ def write_results(args: argparse.Namespace, engine: LLMEngine, dtype: str, rows:
              "| batch | tenants | decode tok/s |", "|---:|---:|---:|"]
     lines += [f"| {r['batch']} | {r['tenants']} | {r['decode_tok_s']} |" for r in rows]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
 
 if __name__ == "__main__":
     main()

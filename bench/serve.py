@@ -87,9 +87,10 @@ class Bench:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def over_budget(self, margin: float = 0.0) -> bool:
-        """Whether the run is within `margin` seconds of --time-budget: later points and phases are skipped."""
-        return self.elapsed() > self.args.time_budget - margin
+    def over_budget(self, margin: float = 0.0, share: float = 1.0) -> bool:
+        """Whether the run is within `margin` seconds of `share` of --time-budget: later points and phases are
+        skipped."""
+        return self.elapsed() > self.args.time_budget * share - margin
 
     def log(self, what: str) -> None:
         self.res["timeline"].append([round(self.elapsed(), 1), what])
@@ -151,14 +152,13 @@ def deltaserve_phase(bench: Bench) -> dict:
     late = "skipped: past the run's time budget"
     # The throughput points get their share of the budget only, so the phases after them (swapping, capacity,
     # the baselines) still run when autotuning makes the points slow.
-    points_over = lambda: bench.elapsed() > a.time_budget * a.points_share
     for b in a.batches:
-        if points_over():
+        if bench.over_budget(share=a.points_share):
             skipped(bench, BASE, b, 0, late)
         else:
             bench.row(engine, BASE, b, 0, base_step(b), 0)
         for t in [t for b2, t in bench.points if b2 == b]:
-            if points_over():
+            if bench.over_budget(share=a.points_share):
                 skipped(bench, OURS, b, t, late)
             else:
                 bench.row(engine, OURS, b, t, step_time(engine, mix(b, t), a.warmup, a.steps, a.prompt_len), size)

@@ -78,7 +78,8 @@ class ServerProcess:
         config.write_text(yaml.safe_dump(self._config()))
         self._log = self.log_path.open("w")
         # `python -m` rather than the `deltaserve` script: the GPU machine runs the checkout uninstalled.
-        self.proc = subprocess.Popen([sys.executable, "-m", "deltaserve.server.cli", "serve", "--config", str(config), "--log-level", "warning"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "deltaserve.server.cli", "serve", "--config", str(config),
+                                      "--log-level", "warning"],
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
