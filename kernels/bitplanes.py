@@ -3,7 +3,7 @@
 Layout (deltaserve.delta_store.packing): bit j of word w of plane p holds bit p of element 32 * w + j.
 
 Unpacking costs more than the matmul (decode reads each code once), so there are two strategies, a
-tl.constexpr UNPACK in the autotune configs (kernels/tuning.py) letting the GPU pick the fastest:
+tl.constexpr UNPACK in the launch configs (kernels/tuning.py; bench/tune_kernels.py times both per GPU):
 - UNPACK_PLANES: load BLOCK_K / 32 words per row and spread each word's 32 bits over a [R, K/32, 32] tensor
   by a broadcast shift, then reshape;
 - UNPACK_PAIRS: two codes per int32, bits j and j + 16 of a word going to the two 16-bit halves, so every

@@ -20,17 +20,15 @@ from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ
 from .segment_tiles import segment_tile_rows
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import autotune, expand_configs, prune, work_bucket
+from .tuning import LaunchConfig, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
-@autotune(configs=expand_configs(), key=["max_d_out", "group_size", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
-          prune_configs_by={"early_config_prune": prune("BLOCK_N", pairs_below_block_m=64)})
 @triton.jit
 def _expand_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    group_size, max_d_out, work, stride_wm, stride_zm,
+    group_size, stride_wm, stride_zm,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
     UNPACK: tl.constexpr,
 ):
@@ -75,20 +73,24 @@ def _expand_kernel(
     tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :])
 
 
-def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> None:
-    """y [B, D_out_total] += expand(z fp32 [B, plan.z_width]) in place; rows of slot -1 untouched."""
+def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
+                  config: LaunchConfig | None = None) -> None:
+    """y [B, D_out_total] += expand(z fp32 [B, plan.z_width]) in place; rows of slot -1 untouched. config:
+    tuning.launch_config's unless given."""
     tiles = meta.launch_tiles()
     if tiles is None or plan.max_d_out == 0:
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_R"], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]),
-                        plan.projections.shape[0])
+    config = config or launch_config("expand", (plan.max_d_out,), group_size, work_bucket(blk_seg.shape[0]),
+                                     block_m)
+    _, block_n, split_r = config.tiles
+    grid = (blk_seg.shape[0] * split_r, triton.cdiv(plan.max_d_out, block_n), plan.projections.shape[0])
     _expand_kernel[grid](
         ws, z, plan.tiers, plan.projections,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        group_size, plan.max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), z.stride(0),
-        BLOCK_M=block_m,
+        group_size, ws.stride(0), z.stride(0),
+        BLOCK_M=block_m, **config.launch_kwargs("expand"),
     )
     add_workspace(y, ws)
 

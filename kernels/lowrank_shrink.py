@@ -22,16 +22,14 @@ from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLA
 from .segment_tiles import segment_tile_rows, split_k_range
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import autotune, dot_dtype, prune, shrink_configs, work_bucket
+from .tuning import LaunchConfig, dot_dtype, launch_config, work_bucket
 
 
-@autotune(configs=shrink_configs(), key=["d_in", "max_rank_cap", "group_size", "work", "BLOCK_M"], reset_to_zero=["z_ptr"],
-          prune_configs_by={"early_config_prune": prune("BLOCK_K")})
 @triton.jit
 def _shrink_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, group_size, max_rank_cap, work, stride_xm, stride_zm,
+    d_in, group_size, stride_xm, stride_zm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
@@ -79,21 +77,25 @@ def _shrink_kernel(
                   mask=m_mask[:, None] & r_mask[None, :])
 
 
-def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int) -> torch.Tensor:
+def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
+                  config: LaunchConfig | None = None) -> torch.Tensor:
     """x [B, d_in] fp16/bf16/fp32 -> z fp32 [B, plan.z_width]. Only (row, column) pairs of a row's slot within
-    that slot's rank are written (the rest stays 0; expand never reads it)."""
+    that slot's rank are written (the rest stays 0; expand never reads it). config: tuning.launch_config's
+    unless given (bench/tune_kernels.py times candidates through it)."""
     z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
     tiles = meta.launch_tiles()
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], plan.tiers.shape[0],
-                        triton.cdiv(plan.max_rank_cap, cfg["BLOCK_R"]))
+    config = config or launch_config("shrink", (x.shape[1], plan.max_rank_cap), group_size,
+                                     work_bucket(blk_seg.shape[0]), block_m)
+    block_r, _, split_k = config.tiles
+    grid = (blk_seg.shape[0] * split_k, plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, block_r))
     _shrink_kernel[grid](
         x, z, plan.tiers,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], group_size, plan.max_rank_cap, work_bucket(blk_seg.shape[0]), x.stride(0), z.stride(0),
-        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
+        x.shape[1], group_size, x.stride(0), z.stride(0),
+        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m, **config.launch_kwargs("shrink"),
     )
     return z
 

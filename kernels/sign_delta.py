@@ -20,7 +20,7 @@ from .segment_tiles import segment_tile_rows, split_k_range
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import autotune, dot_dtype, prune, sign_configs, work_bucket
+from .tuning import LaunchConfig, dot_dtype, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
@@ -45,13 +45,11 @@ def sign_plan_for(projections: list[SignProjection]) -> SignPlan:
     return SignPlan(device_table(rows, SIGN_COLS.value, device), max((p.d_out for p in projections), default=0))
 
 
-@autotune(configs=sign_configs(), key=["d_in", "max_d_out", "work", "BLOCK_M"], reset_to_zero=["ws_ptr"],
-          prune_configs_by={"early_config_prune": prune()})
 @triton.jit
 def _sign_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, max_d_out, work, stride_wm, stride_xm,
+    d_in, stride_wm, stride_xm,
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
@@ -87,8 +85,10 @@ def _sign_kernel(
 
 
 def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
-                          projections: list[SignProjection], plan: SignPlan | None = None) -> None:
-    """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
+                          projections: list[SignProjection], plan: SignPlan | None = None,
+                          config: LaunchConfig | None = None) -> None:
+    """Triton path on any device Triton runs on (CUDA, or CPU tensors under TRITON_INTERPRET=1). config:
+    tuning.launch_config's unless given (bench/tune_kernels.py times candidates through it)."""
     check_sign_call(y, x, meta.num_rows, meta.num_slots, meta.row_slots.device, projections)
     tiles = meta.launch_tiles()
     if not projections or tiles is None:
@@ -98,13 +98,15 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    grid = lambda cfg: (blk_seg.shape[0] * cfg["SPLIT_K"], triton.cdiv(plan.max_d_out, cfg["BLOCK_N"]),
-                        len(projections))
+    config = config or launch_config("sign", (x.shape[1], plan.max_d_out), None, work_bucket(blk_seg.shape[0]),
+                                     block_m)
+    block_n, _, split_k = config.tiles
+    grid = (blk_seg.shape[0] * split_k, triton.cdiv(plan.max_d_out, block_n), len(projections))
     _sign_kernel[grid](
         ws, x, plan.table,
         meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], plan.max_d_out, work_bucket(blk_seg.shape[0]), ws.stride(0), x.stride(0),
-        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
+        x.shape[1], ws.stride(0), x.stride(0),
+        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m, **config.launch_kwargs("sign"),
     )
     add_workspace(y, ws)
 

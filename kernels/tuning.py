@@ -1,17 +1,29 @@
-"""Autotune configs of the delta kernels (H100/H200), as functions so the interpreter gets one small config.
+"""Launch configs of the delta kernels: tile sizes, split and bit-plane unpacking strategy, chosen on the host
+without timing anything.
 
-Keys are the weight shapes, the row-tile height and a power-of-two bucket of the row-tile count (the best
-split depends on it), never the token count itself, so a new batch size rarely retunes and never recompiles.
-Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): pruned below.
-Each config also names its bit-plane unpacking strategy (UNPACK, kernels/bitplanes.py); forced_unpack runs
-one strategy alone, for tests and benchmarks.
+Triton's autotuner times every config at the first call of each new key. In the server that first call lands
+inside a request: on the H100 a new (shape, row tile, work) key stalled every running sequence for seconds
+(bench/results/serve.log: 895 ms a step at batch 64 with one tenant, a graph capture with its tuning inside the
+timed steps; serve_load_smollm2_1000t: no request finished within 105 s). So, like vLLM's LoRA kernels, a
+call's config comes from
+1. a table for this GPU (kernels/configs/<device name>.json, or the file named by $DELTASERVE_KERNEL_CONFIGS),
+   written by bench/tune_kernels.py, which times the candidates below on that GPU; else
+2. defaults measured on the H100: in bench/results/kernel_variants.md the autotuner picked these tiles for
+   shrink, expand and sign in all but one case, with the split growing as the call has fewer row tiles.
+Keys are the weight shapes, the group size, the row-tile height and a power-of-two bucket of the row-tile
+count (work_bucket), never the token count, so a new batch size never changes the kernel that runs.
+Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): cut below.
 """
 from __future__ import annotations
 
+import json
 import os
-import warnings
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 import triton
@@ -19,149 +31,181 @@ import triton.language as tl
 
 from .bitplanes import UNPACK_NAMES
 
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Tile names of each kernel (row-tile height BLOCK_M comes from the slot metadata), and the one whose tile
+# must divide the scale group (sign has no groups).
+TILE_NAMES = {"shrink": ("BLOCK_R", "BLOCK_K", "SPLIT_K"), "expand": ("BLOCK_R", "BLOCK_N", "SPLIT_R"),
+              "sign": ("BLOCK_N", "BLOCK_K", "SPLIT_K")}
+GROUP_AXIS = {"shrink": "BLOCK_K", "expand": "BLOCK_N", "sign": None}
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Config rows: (three tile sizes, UNPACK strategy name, num_warps, num_stages).
-def _configs(names: tuple[str, str, str], rows: list[tuple[int, int, int, str, int, int]]) -> list[triton.Config]:
-    return [triton.Config({**dict(zip(names, (a, b, c))), "UNPACK": UNPACK_NAMES.index(u)}, num_warps=w,
-                          num_stages=st) for a, b, c, u, w, st in rows]
+@dataclass(frozen=True)
+class LaunchConfig:
+    """One launch's meta-parameters: the kernel's three tiles, UNPACK (an index into UNPACK_NAMES), warps, stages."""
 
+    tiles: tuple[int, int, int]
+    unpack: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
 
-def _interpreter_rows(a: int, b: int, c: int) -> list[tuple[int, int, int, str, int, int]]:
-    """One small config per strategy: forced_unpack picks one (the first by default), so none is timed."""
-    return [(a, b, c, u, 4, 1) for u in UNPACK_NAMES]
+    def launch_kwargs(self, kernel: str) -> dict:
+        """Keyword arguments of kernel[grid](...): the constexprs, num_warps and num_stages."""
+        return {**dict(zip(TILE_NAMES[kernel], self.tiles)), "UNPACK": self.unpack, "num_warps": self.num_warps,
+                "num_stages": self.num_stages}
 
+    def to_json(self, kernel: str) -> dict:
+        return {**dict(zip(TILE_NAMES[kernel], self.tiles)), "UNPACK": UNPACK_NAMES[self.unpack],
+                "num_warps": self.num_warps, "num_stages": self.num_stages}
 
-# Decode is latency-bound before it is bandwidth-bound: a program walks d_in (or the ranks) one tile after
-# another, each tile a chain of dependent loads, so few slots mean few programs and long chains. SPLIT
-# cuts the walk into pieces run by separate programs that add their partial sums atomically (fp32).
-def shrink_configs() -> list[triton.Config]:
-    """BLOCK_R ranks x BLOCK_K input elements of V per step, d_in split SPLIT_K ways."""
-    names = ("BLOCK_R", "BLOCK_K", "SPLIT_K")
-    if _interpreting():
-        return _configs(names, _interpreter_rows(16, 32, 2))
-    return _configs(names, [
-        (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
-        (16, 128, 8, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (32, 64, 8, "planes", 4, 3),
-        (16, 128, 16, "planes", 4, 3), (64, 128, 8, "planes", 8, 3),
-        (16, 64, 8, "pairs", 4, 4), (32, 64, 8, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
-        (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)])
-
-
-def expand_configs() -> list[triton.Config]:
-    """BLOCK_R ranks x BLOCK_N output elements of U per step, rank blocks dealt out SPLIT_R ways."""
-    names = ("BLOCK_R", "BLOCK_N", "SPLIT_R")
-    if _interpreting():
-        return _configs(names, _interpreter_rows(16, 32, 2))
-    return _configs(names, [
-        (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
-        (64, 128, 4, "planes", 8, 3), (16, 128, 8, "planes", 4, 3), (32, 64, 4, "planes", 4, 3),
-        (64, 64, 8, "planes", 4, 3), (32, 128, 16, "planes", 4, 3),
-        (16, 64, 8, "pairs", 4, 4), (32, 64, 4, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
-        (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)])
-
-
-def sign_configs() -> list[triton.Config]:
-    """BLOCK_N output rows x BLOCK_K input elements of the sign matrix per step, d_in split SPLIT_K ways."""
-    names = ("BLOCK_N", "BLOCK_K", "SPLIT_K")
-    if _interpreting():
-        return _configs(names, _interpreter_rows(16, 32, 2))
-    return _configs(names, [
-        (64, 128, 1, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (64, 256, 4, "planes", 8, 3),
-        (128, 128, 4, "planes", 8, 3), (64, 128, 8, "planes", 4, 3), (32, 256, 8, "planes", 4, 3),
-        (32, 128, 8, "pairs", 4, 3), (64, 128, 4, "pairs", 4, 3), (64, 256, 4, "pairs", 8, 3)])
+    @classmethod
+    def from_json(cls, kernel: str, entry: dict) -> LaunchConfig:
+        """Raises ValueError (naming what is wrong) for an entry that is not a config of `kernel`."""
+        names = (*TILE_NAMES[kernel], "UNPACK", "num_warps", "num_stages")
+        if not isinstance(entry, dict) or set(entry) != set(names):
+            raise ValueError(f"a {kernel} config needs exactly the fields {names}, got {entry!r}")
+        tiles = tuple(entry[n] for n in TILE_NAMES[kernel])
+        counts = (*tiles, entry["num_warps"], entry["num_stages"])
+        if not all(isinstance(v, int) and v > 0 for v in counts) or entry["UNPACK"] not in UNPACK_NAMES:
+            raise ValueError(f"bad {kernel} config {entry!r}: positive integers and UNPACK one of {UNPACK_NAMES}")
+        if any(t & (t - 1) for t in tiles[:2]):
+            raise ValueError(f"bad {kernel} config {entry!r}: tiles must be powers of two")
+        return cls(tiles, UNPACK_NAMES.index(entry["UNPACK"]), entry["num_warps"], entry["num_stages"])
 
 
 def work_bucket(num_row_tiles: int) -> int:
-    """Autotune key for how many row tiles (roughly, distinct slots) a launch has: the best SPLIT depends on
-    it. Powers of two up to 64, so a new batch size rarely means a new tuning run."""
+    """Key for how many row tiles (roughly, distinct slots) a launch has: the best split depends on it. Powers
+    of two up to 64."""
     return min(triton.next_power_of_2(max(num_row_tiles, 1)), 64)
 
 
-# The strategy forced_unpack holds (None: the autotuner chooses among all). The interpreter times nothing,
-# so it always runs one: the first unless a test forces another.
+def table_key(kernel: str, shape: tuple[int, ...], group_size: int | None, work: int, block_m: int) -> str:
+    """Key of a config table entry, e.g. "shrink d=4096,941 g=128 w=16 m=16" (shape: shrink (d_in, max_rank_cap),
+    expand (max_d_out,), sign (d_in, max_d_out))."""
+    return f"{kernel} d={','.join(map(str, shape))} g={group_size or 0} w={work} m={block_m}"
+
+
+def default_config(kernel: str, work: int) -> LaunchConfig:
+    """The untuned choice. Few row tiles mean few, long programs (decode is latency-bound before it is
+    bandwidth-bound), so the reduction axis is split more ways, each piece's partial sums added atomically."""
+    if _interpreting():  # small tiles: the interpreter's time grows with them, and nothing is timed there
+        return LaunchConfig((16, 32, 2), num_stages=1)
+    if kernel == "shrink":
+        return LaunchConfig((32, 128, 8 if work <= 2 else 4 if work <= 16 else 2 if work <= 32 else 1))
+    if kernel == "expand":
+        return LaunchConfig((32, 128, 4 if work <= 4 else 2 if work <= 8 else 1))
+    return LaunchConfig((64, 128, 8 if work <= 2 else 4 if work <= 16 else 1))
+
+
+# The strategy forced_unpack holds (None: the table's or the default's). The interpreter runs the first unless
+# a test forces another.
 _forced: list[str | None] = [UNPACK_NAMES[0] if _interpreting() else None]
-_tuned: list[triton.runtime.Autotuner] = []
 
 
-def autotune(**kwargs) -> Callable:
-    """triton.autotune for a delta kernel: its choice is forgotten when forced_unpack changes the configs, and a
-    config the compiler rejects is skipped (timed as infinite, with a warning) instead of failing the call."""
-    def wrap(fn):
-        tuned = triton.autotune(**kwargs)(fn)
-        tuned._bench = _skipping_rejected(tuned._bench, fn.__name__)
-        _tuned.append(tuned)
-        return tuned
-    return wrap
+def launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, work: int,
+                  block_m: int) -> LaunchConfig:
+    """The config one call of `kernel` runs (see the module docstring for where it comes from)."""
+    return _launch_config(kernel, shape, group_size, work, block_m, _forced[0])
 
 
-def _skipping_rejected(bench: Callable, kernel: str) -> Callable:
-    """Triton's autotuner skips configs that run out of resources but lets a failed compiler pass through (seen on
-    the H100 with triton 3.6: "PassManager::run failed" in make_ttgir for one expand config of the 7B shapes)."""
-    def run(*args, config: triton.Config, **meta):
-        try:
-            return bench(*args, config=config, **meta)
-        except RuntimeError as e:
-            if "PassManager::run failed" not in str(e):
-                raise
-            warnings.warn(f"{kernel}: config {config} does not compile here ({e}); tuning goes on without it")
-            return [float("inf")] * 3
-    return run
+@lru_cache(maxsize=4096)
+def _launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, work: int, block_m: int,
+                   forced: str | None) -> LaunchConfig:
+    config = config_table().get(table_key(kernel, shape, group_size, work, block_m)) or default_config(kernel, work)
+    tiles, unpack = list(config.tiles), config.unpack
+    axis = GROUP_AXIS[kernel]
+    if axis is not None and group_size % tiles[TILE_NAMES[kernel].index(axis)]:
+        # A group size the tile does not divide (32, or 96): the largest power of two dividing it (>= 32).
+        i = TILE_NAMES[kernel].index(axis)
+        tiles[i] = min(tiles[i], group_size & -group_size)
+    if forced is not None:
+        unpack = UNPACK_NAMES.index(forced)
+    if kernel == "expand" and block_m >= 64:
+        # triton 3.6 on the H100 compiles no "pairs" expand config at 64-row tiles ("Illegal shared layout" in
+        # TritonGPUOptimizeDotOperands); planes computes the same numbers.
+        unpack = UNPACK_NAMES.index("planes")
+    return LaunchConfig(tuple(tiles), unpack, config.num_warps, config.num_stages)
 
 
 @contextmanager
 def forced_unpack(strategy: str) -> Iterator[None]:
-    """Within this block every delta kernel runs only configs of `strategy` (one of UNPACK_NAMES)."""
+    """Within this block every delta kernel runs the `strategy` unpacking (one of UNPACK_NAMES), tiles unchanged."""
     if strategy not in UNPACK_NAMES:
         raise ValueError(f"unknown unpack strategy {strategy!r}, expected one of {UNPACK_NAMES}")
     previous = _forced[0]
-    _set_forced(strategy)
+    _forced[0] = strategy
     try:
         yield
     finally:
-        _set_forced(previous)
+        _forced[0] = previous
 
 
-def _set_forced(strategy: str | None) -> None:
-    _forced[0] = strategy
-    for kernel in _tuned:
-        kernel.cache.clear()
+def device_slug(device: torch.device | None = None) -> str:
+    """File name stem of a GPU's config table: its name with every run of other characters as one '_'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
 
 
-def prune(group_axis: str | None = None, pairs_below_block_m: int | None = None):
-    """Early-prune hook keeping the forced strategy's configs and, with group_axis, only configs whose tile along
-    that axis divides group_size (a tile never spans two scale groups). A group size that no tuned tile divides
-    (32, or 96) gets the configs with that tile cut to the largest power of two dividing it (>= 32: the group
-    size is a multiple of 32), so every valid delta file runs.
-    pairs_below_block_m drops UNPACK_PAIRS configs at row tiles of that height or more: triton 3.6 rejects all of
-    them in the expand kernel at BLOCK_M 64 on the H100 ("Illegal shared layout" in TritonGPUOptimizeDotOperands),
-    and each failed compile costs seconds on every new tuning key. A forced "pairs" then runs the planes configs."""
-    def keep(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        if pairs_below_block_m is not None and kwargs.get("BLOCK_M", 0) >= pairs_below_block_m:
-            configs = [c for c in configs if c.kwargs["UNPACK"] != UNPACK_NAMES.index("pairs")]
-        if _forced[0] is not None:
-            configs = [c for c in configs if c.kwargs["UNPACK"] == UNPACK_NAMES.index(_forced[0])] or configs
-        if group_axis is not None:
-            group_size = named_args["group_size"]
-            fitting = [c for c in configs if group_size % c.kwargs[group_axis] == 0]
-            configs = fitting or _with_tile(configs, group_axis, group_size & -group_size)
-        return configs
-    return keep
+def config_table_path() -> Path | None:
+    """$DELTASERVE_KERNEL_CONFIGS, else this GPU's file in kernels/configs/ if there is one (None off CUDA)."""
+    named = os.environ.get("DELTASERVE_KERNEL_CONFIGS")
+    if named:
+        return Path(named)
+    if _interpreting() or not torch.cuda.is_available():
+        return None
+    path = CONFIG_DIR / f"{device_slug()}.json"
+    return path if path.exists() else None
 
 
-def _with_tile(configs: list[triton.Config], axis: str, tile: int) -> list[triton.Config]:
-    """configs with their `axis` tile cut to at most `tile`, duplicates dropped."""
-    out, seen = [], set()
-    for c in configs:
-        kwargs = {**c.kwargs, axis: min(c.kwargs[axis], tile)}
-        key = (tuple(sorted(kwargs.items())), c.num_warps, c.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config(kwargs, num_warps=c.num_warps, num_stages=c.num_stages))
-    return out
+@lru_cache(maxsize=None)
+def _read_table(path: Path | None) -> dict[str, LaunchConfig]:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entries = data["configs"]
+        return {key: LaunchConfig.from_json(key.split(" ")[0], entry) for key, entry in entries.items()}
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"kernel config table {path}: {e} (bench/tune_kernels.py writes these files)") from e
+
+
+def config_table() -> dict[str, LaunchConfig]:
+    """Entries of the config table in use (read once per path), by table_key."""
+    return _read_table(config_table_path())
+
+
+def write_config_table(path: Path, configs: dict[str, LaunchConfig], about: dict) -> None:
+    """Write a table read back by config_table (atomically: a server starting meanwhile reads the old or the new)."""
+    body = {**about, "configs": {k: c.to_json(k.split(" ")[0]) for k, c in sorted(configs.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# Candidates bench/tune_kernels.py times on a GPU: (three tiles, UNPACK name, num_warps, num_stages).
+def candidates(kernel: str) -> list[LaunchConfig]:
+    rows = {
+        "shrink": [
+            (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
+            (16, 128, 8, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (32, 64, 8, "planes", 4, 3),
+            (16, 128, 16, "planes", 4, 3), (64, 128, 8, "planes", 8, 3), (32, 128, 2, "planes", 4, 3),
+            (16, 64, 8, "pairs", 4, 4), (32, 64, 8, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
+            (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)],
+        "expand": [
+            (32, 128, 1, "planes", 4, 3), (32, 128, 4, "planes", 4, 3), (32, 128, 8, "planes", 4, 3),
+            (64, 128, 4, "planes", 8, 3), (16, 128, 8, "planes", 4, 3), (32, 64, 4, "planes", 4, 3),
+            (64, 64, 8, "planes", 4, 3), (32, 128, 16, "planes", 4, 3), (32, 128, 2, "planes", 4, 3),
+            (16, 64, 8, "pairs", 4, 4), (32, 64, 4, "pairs", 4, 3), (16, 128, 8, "pairs", 4, 3),
+            (32, 128, 4, "pairs", 4, 3), (32, 128, 8, "pairs", 8, 3), (64, 128, 4, "pairs", 8, 3)],
+        "sign": [
+            (64, 128, 1, "planes", 4, 3), (64, 128, 4, "planes", 4, 3), (64, 256, 4, "planes", 8, 3),
+            (128, 128, 4, "planes", 8, 3), (64, 128, 8, "planes", 4, 3), (32, 256, 8, "planes", 4, 3),
+            (32, 128, 8, "pairs", 4, 3), (64, 128, 4, "pairs", 4, 3), (64, 256, 4, "pairs", 8, 3)],
+    }[kernel]
+    return [LaunchConfig((a, b, c), UNPACK_NAMES.index(u), w, s) for a, b, c, u, w, s in rows]
 
 
 def block_m_for(max_seg_len: int) -> int:

@@ -43,7 +43,7 @@ def gen() -> tuple[torch.Generator, int]:
 
 @pytest.fixture(params=UNPACK_NAMES)
 def unpack(request) -> str:
-    """Runs the test with every bit-plane unpacking strategy the autotuner can pick on a GPU."""
+    """Runs the test with every bit-plane unpacking strategy a GPU's config table can pick."""
     with forced_unpack(request.param):
         yield request.param
 
@@ -313,7 +313,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()  # compiles and autotunes outside the capture
+        step()  # compiles outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -335,54 +335,97 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     assert rel < 3e-3, f"seed {seed}: relative error of the delta {rel}"
 
 
-@pytest.mark.parametrize("group_size, tile", [(32, 32), (96, 32), (64, 64), (256, 256)])
-def test_autotune_prune_fits_tiles_to_any_group_size(group_size, tile):
-    """The GPU configs tile 64..256 elements; a delta file with a group size none divides must still run."""
-    import triton
-
-    from deltaserve.kernels.tuning import prune
-    gpu_configs = [triton.Config({"BLOCK_R": 32, "BLOCK_K": k, "SPLIT_K": 4, "UNPACK": u}, num_warps=4, num_stages=3)
-                   for k in (128, 256) for u in range(len(UNPACK_NAMES))]
-    with forced_unpack(UNPACK_NAMES[0]):
-        kept = prune("BLOCK_K")(gpu_configs, {"group_size": group_size})
-    assert kept and all(group_size % c.kwargs["BLOCK_K"] == 0 for c in kept)
-    assert max(c.kwargs["BLOCK_K"] for c in kept) == tile
-    assert all(c.kwargs["UNPACK"] == 0 for c in kept)
+def _gpu_defaults(monkeypatch) -> None:
+    """launch_config as on a GPU without a config table (the interpreter's defaults are small tiles)."""
+    from deltaserve.kernels import tuning
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_forced", [None])
+    monkeypatch.setattr(tuning, "config_table", dict)
+    tuning._launch_config.cache_clear()
 
 
-def test_autotune_skips_a_config_the_compiler_rejects():
-    """A failed compiler pass costs that config its place in the tuning, not the request; other errors surface."""
-    import triton
-
-    from deltaserve.kernels.tuning import _skipping_rejected
-    good, bad = triton.Config({"BLOCK_N": 64}), triton.Config({"BLOCK_N": 128})
-
-    def bench(*args, config, **meta):
-        if config is bad:
-            raise RuntimeError("PassManager::run failed")
-        return [1.0, 1.0, 1.0]
-    with pytest.warns(UserWarning, match="does not compile"):
-        timings = {c: _skipping_rejected(bench, "k")(config=c) for c in (good, bad)}
-    assert timings[good] == [1.0] * 3 and timings[bad] == [float("inf")] * 3
-
-    def broken(*args, config, **meta):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    with pytest.raises(RuntimeError, match="illegal memory access"):
-        _skipping_rejected(broken, "k")(config=good)
+@pytest.mark.parametrize("group_size, tile", [(32, 32), (96, 32), (64, 64), (128, 128), (256, 128)])
+def test_launch_config_fits_tiles_to_any_group_size(monkeypatch, group_size, tile):
+    """The GPU tiles are 128 elements along the quantized axis; a delta file with a group size they do not divide
+    must still run, with the tile cut to fit one scale group."""
+    from deltaserve.kernels.tuning import launch_config
+    _gpu_defaults(monkeypatch)
+    assert launch_config("shrink", (4096, 907), group_size, 1, 16).tiles[1] == tile
+    assert launch_config("expand", (4096,), group_size, 1, 16).tiles[1] == tile
+    assert launch_config("sign", (4096, 4096), None, 1, 16).tiles[1] == 128
 
 
-def test_autotune_drops_pairs_configs_the_compiler_rejects():
-    """Expand at BLOCK_M 64 tunes only the planes strategy (triton 3.6 cannot compile pairs there); smaller row
-    tiles keep both, and a forced "pairs" falls back to planes rather than to no config at all."""
-    import triton
+def test_launch_config_splits_more_when_few_row_tiles(monkeypatch):
+    """One slot's rows make one program per rank block: the reduction axis is split to fill the GPU."""
+    from deltaserve.kernels.tuning import launch_config, work_bucket
+    _gpu_defaults(monkeypatch)
+    for kernel, shape, gs in (("shrink", (4096, 907), 128), ("expand", (4096,), 128), ("sign", (4096, 4096), None)):
+        splits = [launch_config(kernel, shape, gs, work_bucket(n), 16).tiles[2] for n in (1, 4, 16, 64)]
+        assert splits == sorted(splits, reverse=True) and splits[0] > splits[-1], (kernel, splits)
 
-    from deltaserve.kernels.tuning import prune
-    configs = [triton.Config({"BLOCK_R": 32, "BLOCK_N": 128, "SPLIT_R": 4, "UNPACK": u}) for u in range(len(UNPACK_NAMES))]
-    pairs = UNPACK_NAMES.index("pairs")
-    hook = prune("BLOCK_N", pairs_below_block_m=64)
-    at = lambda block_m: {c.kwargs["UNPACK"] for c in hook(configs, {"group_size": 128}, BLOCK_M=block_m)}
-    with forced_unpack("planes"):
-        assert at(64) == at(16) == {UNPACK_NAMES.index("planes")}
+
+def test_launch_config_never_runs_pairs_expand_at_64_row_tiles(monkeypatch):
+    """triton 3.6 on the H100 cannot compile the pairs expand kernel at BLOCK_M 64: a forced "pairs" runs planes
+    there, and pairs at smaller row tiles."""
+    from deltaserve.kernels.tuning import launch_config
+    _gpu_defaults(monkeypatch)
+    pairs, planes = UNPACK_NAMES.index("pairs"), UNPACK_NAMES.index("planes")
     with forced_unpack("pairs"):
-        assert at(16) == {pairs}
-        assert at(64) == {UNPACK_NAMES.index("planes")}
+        assert launch_config("expand", (4096,), 128, 1, 16).unpack == pairs
+        assert launch_config("expand", (4096,), 128, 1, 64).unpack == planes
+        assert launch_config("shrink", (4096, 907), 128, 1, 64).unpack == pairs
+
+
+def test_launch_config_reads_the_tuned_table(monkeypatch, tmp_path):
+    """A table written by write_config_table (bench/tune_kernels.py) is what launch_config returns for its keys;
+    other keys get the defaults; a malformed table is refused by name."""
+    from deltaserve.kernels import tuning
+    from deltaserve.kernels.tuning import LaunchConfig, default_config, launch_config, table_key, write_config_table
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_forced", [None])
+    tuned = LaunchConfig((16, 64, 8), UNPACK_NAMES.index("pairs"), 8, 4)
+    path = tmp_path / "gpu.json"
+    write_config_table(path, {table_key("shrink", (4096, 907), 128, 16, 16): tuned}, {"device": "test"})
+    monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(path))
+    tuning._launch_config.cache_clear()
+    assert launch_config("shrink", (4096, 907), 128, 16, 16) == tuned
+    assert launch_config("shrink", (4096, 907), 128, 32, 16) == default_config("shrink", 32)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"configs": {"expand d=4096 g=128 w=1 m=16": {"BLOCK_R": 32}}}')
+    monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(bad))
+    tuning._launch_config.cache_clear()
+    with pytest.raises(ValueError, match="bad.json.*exactly the fields"):
+        launch_config("expand", (4096,), 128, 1, 16)
+    tuning._launch_config.cache_clear()
+
+
+@pytest.mark.parametrize("kernel", ["shrink", "expand", "sign"])
+def test_every_tuning_candidate_matches_the_reference(gen, kernel):
+    """bench/tune_kernels.py may put any candidate in a GPU's table: each must compute the reference's numbers
+    (their tiles cut to the test's group size, as launch_config cuts them)."""
+    from deltaserve.kernels.lowrank_expand import expand_triton
+    from deltaserve.kernels.tuning import LaunchConfig, candidates
+    g, seed = gen
+    rows = [2, -1, 0, 0, 2]
+    x, y0, meta = _batch(rows, torch.float16, g)
+    want = y0.clone()
+    if kernel == "sign":
+        signs = _kind_projections("sign", g)
+        add_sign_delta_reference(want, x, meta, signs)
+    else:
+        projections = _projections(g)
+        plan = lowrank_plan_for(projections)
+        add_lowrank_delta_reference(want, x, meta, projections, G)
+        z = shrink_triton(x, meta, plan, G)
+    cut_tiles = {(tuple(min(t, G) if i == 1 and kernel != "sign" else t for i, t in enumerate(c.tiles)), c.unpack)
+                 for c in candidates(kernel)}  # warps and stages mean nothing to the interpreter
+    for tiles, unpack in sorted(cut_tiles):
+        cut = LaunchConfig(tiles, unpack)
+        y = y0.clone()
+        if kernel == "sign":
+            add_sign_delta_triton(y, x, meta, signs, config=cut)
+        elif kernel == "shrink":
+            expand_triton(y, shrink_triton(x, meta, plan, G, config=cut), meta, plan, G)
+        else:
+            expand_triton(y, z, meta, plan, G, config=cut)
+        _assert_close(y, want, y0, rows, f"{seed}, {kernel} {cut}")
