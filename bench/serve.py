@@ -41,8 +41,8 @@ import triton
 from random_models import block_shapes, random_7b, random_delta
 from serve_bench_baselines import bitdelta_phase, skipped, torch_phase
 from serve_bench_capacity import capacity_phase
-from serve_bench_engine import (GiB, build_engine, copy_bandwidth, fill_slots, free_bytes, free_device,
-                                kv_bytes_per_token, mix, pinned, step_time, stored_bytes)
+from serve_bench_engine import (DECODE_SLACK, GiB, build_engine, copy_bandwidth, fill_slots, free_bytes,
+                                free_device, kv_bytes_per_token, mix, pinned, step_time, stored_bytes)
 from serve_bench_output import BASE, OURS, setup_notes, write_all
 from serve_bench_swap import MergedSwapper, merged_rows
 
@@ -82,7 +82,7 @@ class Bench:
                     "torch_steps": args.torch_steps, "points": self.points, "capacity": [], "rows": [],
                     "notes": [], "timeline": [], "complete": False, "elapsed_s": 0.0}
         # Every sequence of the throughput engines: prompt, warm-up, timed steps (or k per residency), slack.
-        self.seq_len = args.prompt_len + max(args.warmup + args.steps, args.swap_steps) + 4
+        self.seq_len = args.prompt_len + max(args.warmup + args.steps + DECODE_SLACK, args.swap_steps) + 4
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0

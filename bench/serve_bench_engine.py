@@ -11,6 +11,10 @@ from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.engine import EngineConfig, LLMEngine, SamplingParams
 
 GiB = 1 << 30
+# Tokens a request may decode while later requests of its batch still prefill (chunks of 2048 tokens: up to
+# 4 steps at batch 128 x 64-token prompts). Without them the first requests finished inside the timed steps,
+# the batch shrank to a new graph bucket, and its capture was timed (serve.log of 2026-11-23).
+DECODE_SLACK = 16
 
 
 def build_engine(model: str, device: str, dtype: str, **options) -> LLMEngine:
@@ -66,7 +70,7 @@ def step_time(engine: LLMEngine, row_slots: list[int], warmup: int, steps: int, 
     same requests, so the prefill is paid once; the clock covers the `steps` timed decode steps only."""
     batch = len(row_slots)
     g = torch.Generator().manual_seed(batch * 1000 + len(set(row_slots)))
-    params = SamplingParams(max_tokens=warmup + steps + 2, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=warmup + steps + DECODE_SLACK, temperature=0, ignore_eos=True)
     ids = [f"r{i}" for i in range(batch)]
     for rid, slot in zip(ids, row_slots):
         engine.add_request(rid, torch.randint(0, engine.vocab_size, (prompt_len,), generator=g).tolist(), params,
