@@ -14,7 +14,11 @@ for name in ("fastapi", "uvicorn", "pydantic", "gguf", "yaml", "openai"):
         importlib.import_module(name)
     except ImportError as exc:
         missing.append(f"{name} ({exc})")
+try:  # the client imports its HTTP transport only when made (httpcore2 and truststore went missing that way)
+    importlib.import_module("openai").AsyncOpenAI(base_url="http://127.0.0.1/v1", api_key="none")
+except ImportError as exc:
+    missing.append(f"the openai client's transport ({exc})")
 if missing:
     sys.exit("device_env: cannot import " + "; ".join(missing) + ". Known extras: ../shared/device/wheels.sh "
-             "openai distro jiter httpx2 opentelemetry-api importlib_metadata zipp")
+             "openai distro jiter httpx2 httpcore2 truststore opentelemetry-api importlib_metadata zipp")
 PY

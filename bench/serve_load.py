@@ -7,7 +7,8 @@ the openai client (streamed chat, fixed prompt and max_tokens, ignore_eos). Writ
 <out>/serve_load_<model>_<N>t.{json,md} (+ .png with matplotlib).
 
 Usage (GPU; each command fits the device's 10-minute call; var/ keeps the model, deltas and registered store
-between calls on a warm machine, and a rerun registers only missing tenants):
+between calls on a warm machine, and a rerun registers only missing tenants; registering the 1000 SmolLM2
+tenants took 304 s on the H100 machine, so run it alone with --setup-only first):
   python bench/serve_load.py --model smollm2 --device cuda --tenants 1000 --max-slots 16 --host-bytes 4GiB \
       --rate 4 --requests 400 --duration 100 --drain 90 --max-tokens 32 --out bench/results
   python bench/serve_load.py --model llama2-7b --device cuda --tenants 100 --bits-per-param 0.5 --delta-pool 2 \
