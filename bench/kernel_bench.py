@@ -7,15 +7,13 @@ fp16, then matmul, tenant by tenant), (b) a dense fp16 delta matmul per tenant, 
 (1 bit/param: the same bytes). Then every linear of one decode layer, backbone plus deltas.
 
 Usage: python bench/kernel_bench.py [--out DIR] [--quick]   (writes kernels.json, kernels.md, kernels.png)
-       python bench/kernel_bench.py --quick-variants [--out DIR]   (~1-2 min: each bit-plane unpacking strategy
-       alone, then the autotuner's free choice, on qkv and gate_up; writes kernel_variants.json and .md)
+(bench/tune_kernels.py times each kernel's launch configs, unpacking strategies included, and writes the table.)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +24,11 @@ from triton.testing import do_bench
 from deltaserve.delta_store.packing import num_groups, num_words
 from deltaserve.kernels import LowRankProjection, SlotMetadata, SignProjection
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
-from deltaserve.kernels.bitplanes import UNPACK_NAMES
-from deltaserve.kernels.lowrank_expand import _expand_kernel, expand_triton
+from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
-from deltaserve.kernels.lowrank_shrink import _shrink_kernel, shrink_triton
+from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
-from deltaserve.kernels.sign_delta import _sign_kernel, add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
-from deltaserve.kernels.tuning import forced_unpack
+from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton
 from random_models import G, deltacome_tiers
 
 HIDDEN, FFN = 4096, 11008
@@ -106,7 +102,7 @@ def dense_path(y: torch.Tensor, x: torch.Tensor, groups: list[tuple[int, torch.T
 def ms(fn, quick: bool, graph: bool = True) -> float:
     """Median ms of fn on the device, L2 flushed before each run (do_bench). With graph=True fn is captured
     in a CUDA graph first (as an engine step would be), so the time is the device's, without Python's
-    launch overhead; fn runs once before capture so Triton compiles and autotunes outside it."""
+    launch overhead; fn runs once before capture so Triton compiles outside it."""
     fn()
     run = fn
     if graph:
@@ -235,59 +231,6 @@ def bench_layer(g: torch.Generator, bw: float, quick: bool, B: int = 64, T: int 
     return out
 
 
-VARIANT_CASES = (("qkv", 64, 16), ("gate_up", 64, 16), ("qkv", 1, 1), ("gate_up", 1, 1))  # shape, batch, tenants
-
-
-def bench_variants(g: torch.Generator, bw: float) -> list[dict]:
-    """Each unpacking strategy alone (autotuned among its own configs), then all of them (the autotuner's free
-    choice), on VARIANT_CASES: device times, the delta's error against the reference, the configs chosen."""
-    weights = {name: make_weights(name, 16, g) for name in {c[0] for c in VARIANT_CASES}}
-    out = []
-    for strategy in (*UNPACK_NAMES, None):
-        with forced_unpack(strategy) if strategy else nullcontext():
-            for name, B, T in VARIANT_CASES:
-                w = weights[name]
-                x = torch.randn(B, w.d_in, device="cuda", dtype=torch.float16, generator=g)
-                y = torch.randn(B, sum(w.d_outs), device="cuda", dtype=torch.float16, generator=g)
-                meta = SlotMetadata.build(torch.arange(B, device="cuda", dtype=torch.int32) % T, 16)
-                plan, signs_plan = lowrank_plan_for(w.lowrank), sign_plan_for(w.signs)
-                got, want = y.clone(), y.clone()
-                add_lowrank_delta_triton(got, x, meta, w.lowrank, G, plan)
-                add_lowrank_delta_reference(want, x, meta, w.lowrank, G)
-                err = rel_err(got.float() - y.float(), want.float() - y.float())
-                z = shrink_triton(x, meta, plan, G)
-                t_total = ms(lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G, plan), True)
-                t_shrink = ms(lambda: shrink_triton(x, meta, plan, G), True)
-                t_expand = ms(lambda: expand_triton(y, z, meta, plan, G), True)
-                t_sign = ms(lambda: add_sign_delta_triton(y, x, meta, w.signs, signs_plan), True)
-                moved = T * w.slot_bytes + 2 * B * (w.d_in + 2 * sum(w.d_outs))
-                row = dict(strategy=strategy or "auto", shape=name, batch=B, tenants=T, kernel_us=t_total * 1e3,
-                           shrink_us=t_shrink * 1e3, expand_us=t_expand * 1e3, sign_us=t_sign * 1e3,
-                           frac_copy_bw=moved / (t_total * 1e-3) / bw, delta_rel_err=err,
-                           configs={k.base_fn.__name__: str(k.best_config)
-                                    for k in (_shrink_kernel, _expand_kernel, _sign_kernel)})
-                out.append(row)
-                print(f"{row['strategy']:7s} {name:8s} B={B:3d} T={T:2d} kernel {row['kernel_us']:7.1f} us "
-                      f"(shrink {row['shrink_us']:6.1f}, expand {row['expand_us']:6.1f}) sign {row['sign_us']:6.1f} "
-                      f"{row['frac_copy_bw']:5.1%} of copy  rel.err {err:.1e}  {row['configs']}", flush=True)
-    return out
-
-
-def write_variants_markdown(res: dict, path: Path) -> None:
-    lines = [f"# Bit-plane unpacking strategies on {res['device']} (torch {res['torch']}, triton {res['triton']})", "",
-             "Each strategy autotuned among its own configs; auto = among all. Device time in us (CUDA graph "
-             "replay, L2 flushed), fp16, 16 slots resident, ~1 bit/param Delta-CoMe tiers; rel. err of the delta "
-             "against the PyTorch reference; configs are the last ones the autotuner chose for that row.", "",
-             "| strategy | shape | batch | tenants | kernel | shrink | expand | of copy BW | BitDelta | rel. err "
-             "| configs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['strategy']} | {r['shape']} | {r['batch']} | {r['tenants']} | {r['kernel_us']:.1f} | "
-              f"{r['shrink_us']:.1f} | {r['expand_us']:.1f} | {r['frac_copy_bw']:.1%} | {r['sign_us']:.1f} | "
-              f"{r['delta_rel_err']:.1e} | {'; '.join(f'{k}: {v}' for k, v in r['configs'].items())} |"
-              for r in res["variants"]]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def write_markdown(res: dict, path: Path) -> None:
     bw = res["copy_bw_gbs"]
     lines = [f"# Delta kernels on {res['device']} (torch {res['torch']}, triton {res['triton']})", "",
@@ -349,20 +292,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter timing loops")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--decode-only", action="store_true", help="skip prefill and the whole-layer run")
-    ap.add_argument("--quick-variants", action="store_true",
-                    help="only time each bit-plane unpacking strategy (qkv and gate_up, batch 64 x 16 tenants, 1 x 1)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     start = time.time()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    if args.quick_variants:
-        res["variants"] = bench_variants(g, copy_bandwidth())
-        res["seconds"] = time.time() - start
-        (args.out / "kernel_variants.json").write_text(json.dumps(res, indent=1))
-        write_variants_markdown(res, args.out / "kernel_variants.md")
-        print(f"done in {res['seconds']:.0f} s")
-        return
     res["correctness"] = check_correctness(g)
     print(json.dumps(res["correctness"], indent=1), flush=True)
     bw = copy_bandwidth()
