@@ -11,7 +11,7 @@ tl.constexpr UNPACK in the launch configs (kernels/tuning.py; bench/tune_kernels
   The tile's K axis then comes out permuted within each 32 elements (see tile_offsets): callers index x, or
   their output columns, through the same permutation, which leaves the dot product unchanged.
 (A third, each element loading its own word k // 32 and shifting by k % 32 with no 3-D tensor, measured 3-4x
-slower than both on the H100 with bench/kernel_bench.py --quick-variants.) Both load plane p + 1 before
+slower than both on the H100 in an earlier kernel_bench mode.) Both load plane p + 1 before
 unpacking plane p, so a tile waits for memory once rather than once per plane (decode is latency-bound:
 this took 10-15% off the expand kernel).
 Every strategy returns the same numbers, 2 * code - (2^nbits - 1) (odd integers of magnitude <= 255, exact in
