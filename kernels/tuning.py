@@ -117,9 +117,9 @@ def _launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, 
     config = config_table().get(table_key(kernel, shape, group_size, work, block_m)) or default_config(kernel, work)
     tiles, unpack = list(config.tiles), config.unpack
     axis = GROUP_AXIS[kernel]
-    if axis is not None and group_size % tiles[TILE_NAMES[kernel].index(axis)]:
+    i = TILE_NAMES[kernel].index(axis) if axis is not None else None
+    if i is not None and group_size % tiles[i]:
         # A group size the tile does not divide (32, or 96): the largest power of two dividing it (>= 32).
-        i = TILE_NAMES[kernel].index(axis)
         tiles[i] = min(tiles[i], group_size & -group_size)
     if forced is not None:
         unpack = UNPACK_NAMES.index(forced)
