@@ -39,7 +39,8 @@ from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
 from deltaserve.kernels.tuning import (CONFIG_DIR, GROUP_AXIS, TILE_NAMES, LaunchConfig, candidates,
-                                       default_config, device_slug, table_key, work_bucket, write_config_table)
+                                       default_config, device_slug, spans_groups, table_key, work_bucket,
+                                       write_config_table)
 from kernel_bench import BATCHES, SHAPES, TENANTS, Weights, copy_bandwidth, make_weights, ms, rel_err
 from random_models import G
 
@@ -154,16 +155,10 @@ def configs_to_time(kernel: str, work: int) -> list[LaunchConfig]:
     return list(dict.fromkeys([*candidates(kernel), default_config(kernel, work)]))
 
 
-def group_tile_mismatch(kernel: str, config: LaunchConfig, group_size: int | None) -> bool:
-    """True when the tile along the quantized axis would span two scale groups (the kernels assume it never does)."""
-    axis = GROUP_AXIS[kernel]
-    return axis is not None and group_size % config.tiles[TILE_NAMES[kernel].index(axis)] != 0
-
-
 def measure(kernel: str, call: KernelCall, want: torch.Tensor, config: LaunchConfig,
             timer: Callable[[Callable[[], object]], float]) -> Outcome:
     """Check one candidate against the reference, then time it (timer: ms of a callable)."""
-    if group_tile_mismatch(kernel, config, group_size_of(kernel)):
+    if spans_groups(kernel, config.tiles, group_size_of(kernel)):
         return Outcome(config, skipped=f"{GROUP_AXIS[kernel]} does not divide the group size {G}")
     try:
         err = rel_err(call.result(config), want)  # the first launch compiles

@@ -58,8 +58,8 @@ class LaunchConfig:
                 "num_stages": self.num_stages}
 
     def to_json(self, kernel: str) -> dict:
-        return {**dict(zip(TILE_NAMES[kernel], self.tiles)), "UNPACK": UNPACK_NAMES[self.unpack],
-                "num_warps": self.num_warps, "num_stages": self.num_stages}
+        """launch_kwargs with the strategy by name, as config tables hold it."""
+        return {**self.launch_kwargs(kernel), "UNPACK": UNPACK_NAMES[self.unpack]}
 
     @classmethod
     def from_json(cls, kernel: str, entry: dict) -> LaunchConfig:
@@ -74,6 +74,18 @@ class LaunchConfig:
         if any(t & (t - 1) for t in tiles[:2]):
             raise ValueError(f"bad {kernel} config {entry!r}: tiles must be powers of two")
         return cls(tiles, UNPACK_NAMES.index(entry["UNPACK"]), entry["num_warps"], entry["num_stages"])
+
+
+def group_tile_index(kernel: str) -> int | None:
+    """Position in LaunchConfig.tiles of the tile along the quantized axis (None: sign has no scale groups)."""
+    axis = GROUP_AXIS[kernel]
+    return None if axis is None else TILE_NAMES[kernel].index(axis)
+
+
+def spans_groups(kernel: str, tiles: tuple[int, ...], group_size: int | None) -> bool:
+    """Whether a tile along the quantized axis would span two scale groups (the kernels assume it never does)."""
+    i = group_tile_index(kernel)
+    return i is not None and group_size % tiles[i] != 0
 
 
 def work_bucket(num_row_tiles: int) -> int:
@@ -116,10 +128,9 @@ def _launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, 
                    forced: str | None) -> LaunchConfig:
     config = config_table().get(table_key(kernel, shape, group_size, work, block_m)) or default_config(kernel, work)
     tiles, unpack = list(config.tiles), config.unpack
-    axis = GROUP_AXIS[kernel]
-    i = TILE_NAMES[kernel].index(axis) if axis is not None else None
-    if i is not None and group_size % tiles[i]:
+    if spans_groups(kernel, config.tiles, group_size):
         # A group size the tile does not divide (32, or 96): the largest power of two dividing it (>= 32).
+        i = group_tile_index(kernel)
         tiles[i] = min(tiles[i], group_size & -group_size)
     if forced is not None:
         unpack = UNPACK_NAMES.index(forced)
