@@ -49,7 +49,7 @@ class WeightSlots:
 
     # ---- writing -------------------------------------------------------------------------------------
     def write(self, slot: int, delta: WeightDelta, group_size: int) -> None:
-        self.clear(slot)
+        """Put `delta` into `slot`, which must be clear (SlotBank.load clears it in every weight first)."""
         if isinstance(delta, DenseDelta):
             self.dense = _grown(self.dense, (self.num_slots, *self.shape), self.dtype, self.device)
             self.dense[slot] = delta.delta.to(self.device, self.dtype)
@@ -76,35 +76,46 @@ class WeightSlots:
     def _write_packed(self, slot: int, tiers: list[QuantTier], group_size: int) -> None:
         d_out, d_in = self.shape
         self.group_size = group_size
+        groups = (num_groups(d_in, group_size), num_groups(d_out, group_size))
         for t, q in enumerate(tiers):
             old = self.packed[t] if t < len(self.packed) else None
-            bits_cap = max(q.bits, old.bits_cap if old else 1)
-            rank_cap = max(q.rank, old.rank_cap if old else 0)
-            S = self.num_slots
-
-            def grow(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-                return _grown(getattr(old, name) if old else None, shape, dtype, self.device)
-
-            tier = PackedTierSlots(
-                v_planes=grow("v_planes", (S, bits_cap, rank_cap, num_words(d_in)), torch.int32),
-                v_scales=grow("v_scales", (S, rank_cap, num_groups(d_in, group_size)), torch.float16),
-                u_planes=grow("u_planes", (S, bits_cap, rank_cap, num_words(d_out)), torch.int32),
-                u_scales=grow("u_scales", (S, rank_cap, num_groups(d_out, group_size)), torch.float16),
-                s=grow("s", (S, rank_cap), torch.float32), ranks=grow("ranks", (S,), torch.int32),
-                bits=grow("bits", (S,), torch.int32))
+            if (old is not None and q.bits <= old.bits_cap and q.rank <= old.rank_cap
+                    and (old.v_scales.shape[2], old.u_scales.shape[2]) == groups):
+                tier = old              # fits: write in place (a new tier would re-check every slot on the device)
+                tier.forget(slot)
+            else:
+                tier = self._grown_tier(old, max(q.bits, old.bits_cap if old else 1),
+                                        max(q.rank, old.rank_cap if old else 0), group_size)
+                if old is None:
+                    self.packed.append(tier)
+                else:
+                    self.packed[t] = tier
+            # Host values bound the kernels' reads: 1 <= bits <= bits_cap and rank <= rank_cap hold by the caps.
             tier.v_planes[slot, : q.bits, : q.rank] = q.v_planes.to(self.device)
             tier.v_scales[slot, : q.rank] = q.v_scales.to(self.device)
             tier.u_planes[slot, : q.bits, : q.rank] = q.u_planes.to(self.device)
             tier.u_scales[slot, : q.rank] = q.u_scales.to(self.device)
             tier.s[slot, : q.rank] = q.s.to(self.device)
             tier.ranks[slot], tier.bits[slot] = q.rank, q.bits
-            tier.check_values()
-            if old is None:
-                self.packed.append(tier)
-            else:
-                self.packed[t] = tier
         self.packed_tiers[slot] = [(q.rank, q.bits) for q in tiers]
         self.kinds[slot].add("packed")
+
+    def _grown_tier(self, old: PackedTierSlots | None, bits_cap: int, rank_cap: int,
+                    group_size: int) -> PackedTierSlots:
+        """A tier's buffers at these caps, holding `old`'s slots (None: all slots empty)."""
+        d_out, d_in = self.shape
+        S = self.num_slots
+
+        def grow(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return _grown(getattr(old, name) if old else None, shape, dtype, self.device)
+
+        return PackedTierSlots(
+            v_planes=grow("v_planes", (S, bits_cap, rank_cap, num_words(d_in)), torch.int32),
+            v_scales=grow("v_scales", (S, rank_cap, num_groups(d_in, group_size)), torch.float16),
+            u_planes=grow("u_planes", (S, bits_cap, rank_cap, num_words(d_out)), torch.int32),
+            u_scales=grow("u_scales", (S, rank_cap, num_groups(d_out, group_size)), torch.float16),
+            s=grow("s", (S, rank_cap), torch.float32), ranks=grow("ranks", (S,), torch.int32),
+            bits=grow("bits", (S,), torch.int32))
 
     def _write_lowrank16(self, slot: int, tiers: list[FloatTier]) -> None:
         d_out, d_in = self.shape

@@ -162,6 +162,39 @@ def test_async_engine_streams_aborts_and_reports(tenants, solo):
     assert stats.kv_blocks_used == 0 and stats.steps_total > 0 and stats.backbone_bytes > 0
 
 
+def test_async_engine_loads_deltas_between_steps(tenants, solo):
+    """Loads posted while a request decodes run on the step thread between steps: the caller gets the load's
+    error, the running request's tokens are unchanged, and the newly loaded slot serves its tenant."""
+    async def main():
+        engine = AsyncEngine(EngineConfig(str(tenants.base), max_slots=3, num_kv_blocks=64, block_size=4))
+        engine.load_delta(0, tenants.deltas[0])          # not started: runs on this thread
+        await engine.start()
+        decoding = asyncio.Event()
+
+        async def tokens(rid, prompt, slot):
+            out = []
+            async for o in engine.generate(rid, list(PROMPTS[prompt]), greedy(), slot):
+                out += o.new_token_ids
+                decoding.set()
+            return out
+
+        running = asyncio.create_task(tokens("a", 0, 0))
+        await decoding.wait()
+        await asyncio.to_thread(engine.load_delta, 1, tenants.deltas[1])
+        foreign = dataclasses.replace(tenants.deltas[2],
+                                      metadata={**tenants.deltas[2].metadata, "base_fingerprint": "x"})
+        with pytest.raises(ValueError, match="made for base"):
+            await asyncio.to_thread(engine.load_delta, 2, foreign)
+        await asyncio.to_thread(engine.clear_slot, 2)
+        loaded = await tokens("b", 1, 1)
+        first = await running
+        await engine.stop()
+        return first, loaded
+
+    first, loaded = asyncio.run(main())
+    assert first == solo[0, 0] and loaded == solo[1, 1]
+
+
 def test_prefix_cache_is_shared_within_a_tenant_only(tenants, solo):
     engine = make_engine(tenants)
     blocks = engine.blocks
