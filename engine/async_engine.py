@@ -94,12 +94,16 @@ class AsyncEngine:
     def load_delta(self, slot: int, delta: DeltaFile) -> None:
         """Copy a delta into a slot no running request uses; returns once it is there.
 
-        The copy runs on the step thread between two steps, not on the caller's thread: a load is thousands of
-        small torch calls, each releasing the GIL, and a thread that must win the GIL back from a busy step
-        thread waits up to a switch interval (5 ms) per call, which made loads under load take ~18 s instead of
-        ~0.3 s (H100, SmolLM2, 1000 tenants). Between steps nothing competes, so decoding pauses for one
-        load's time instead."""
-        self._on_step_thread(lambda: self._engine.load_delta(slot, self._engine.stage_delta(slot, delta)))
+        A load is thousands of small torch calls, each releasing the GIL, and a thread that must win the GIL
+        back from a busy one waits up to a switch interval per call: run by the loader beside a busy step
+        thread, loads took ~18 s instead of ~0.3 s (H100, SmolLM2, 1000 tenants), and run on the step thread
+        they paused decoding for seconds. So this thread (the caller's) stages the delta on the device and
+        plans its copy into the slot's views; the step thread then does the copy between two steps as one
+        batched call (or the whole load, when a buffer must grow first)."""
+        staged = self._engine.stage_delta(slot, delta)
+        plan = self._engine.plan_load(slot, staged)
+        self._on_step_thread(lambda: self._engine.load_planned(slot, staged, plan))
+
     def check_delta(self, delta: DeltaFile) -> None:
         """Raise ValueError if `delta` could not go into a slot of this engine (base, shapes, capacity).
 

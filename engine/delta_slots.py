@@ -148,6 +148,65 @@ class WeightSlots:
         self.torch_slots.discard(slot)
         self.version += 1
 
+    # ---- loading as one batched copy (SlotBank.plan_load) ----------------------------------------------------
+    def buffers(self) -> tuple:
+        """The buffer objects a copy plan writes into: a grown buffer is a new object, which makes a plan stale."""
+        return (self.sign_bits, self.sign_scales, self.dense, self.lr_u, self.lr_v, self.lr_s, *self.packed)
+
+    def copy_plan(self, slot: int, delta: WeightDelta | None, group_size: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """(destination view, source) pairs that leave `slot` as clear(slot) then write(slot, delta) would (delta
+        None: clear only), in the buffers as they are now; sources must be on the device. None when that needs a
+        buffer first (the first delta of a kind, a larger rank or bit-width, another group size) or is an svd
+        delta: SlotBank.load does those. Nothing here changes until commit_plan."""
+        tiers = delta.tiers if isinstance(delta, LowRankDelta) else []
+        if any(isinstance(t, FloatTier) for t in tiers) or len(tiers) > len(self.packed):
+            return None
+        if (isinstance(delta, SignDelta) and self.sign_bits is None) or (isinstance(delta, DenseDelta) and self.dense is None):
+            return None
+        groups = (num_groups(self.shape[1], group_size), num_groups(self.shape[0], group_size)) if tiers else None
+        pairs = []
+        for t, tier in enumerate(self.packed):
+            q = tiers[t] if t < len(tiers) else None
+            s = torch.zeros(tier.rank_cap, dtype=torch.float32, device=self.device)
+            if q is not None:
+                if (q.bits > tier.bits_cap or q.rank > tier.rank_cap
+                        or (tier.v_scales.shape[2], tier.u_scales.shape[2]) != groups):
+                    return None
+                s[: q.rank] = q.s
+                pairs += [(tier.v_planes[slot, : q.bits, : q.rank], q.v_planes),
+                          (tier.v_scales[slot, : q.rank], q.v_scales),
+                          (tier.u_planes[slot, : q.bits, : q.rank], q.u_planes),
+                          (tier.u_scales[slot, : q.rank], q.u_scales),
+                          (tier.bits[slot : slot + 1], torch.tensor([q.bits], dtype=torch.int32, device=self.device))]
+            rank = torch.tensor([q.rank if q is not None else 0], dtype=torch.int32, device=self.device)
+            pairs += [(tier.s[slot], s), (tier.ranks[slot : slot + 1], rank)]
+        for buffer, source in ((self.sign_scales, delta.scale.reshape(()) if isinstance(delta, SignDelta) else None),
+                               (self.dense, delta.delta.to(self.dtype) if isinstance(delta, DenseDelta) else None),
+                               (self.lr_s, None)):
+            if buffer is not None:
+                pairs.append((buffer[slot], source if source is not None else
+                              torch.zeros((), dtype=buffer.dtype, device=self.device).expand(buffer.shape[1:])))
+        if isinstance(delta, SignDelta):
+            pairs.append((self.sign_bits[slot], delta.signs))
+        return pairs
+
+    def commit_plan(self, slot: int, delta: WeightDelta | None, group_size: int) -> None:
+        """The host-side state of clear(slot) then write(slot, delta), once copy_plan's pairs were copied."""
+        tiers = delta.tiers if isinstance(delta, LowRankDelta) else []
+        self.packed_tiers[slot] = [(q.rank, q.bits) for q in tiers]
+        for tier in self.packed:
+            tier.forget(slot)
+        self.lr_rank[slot] = 0
+        self.kinds[slot] = {"packed"} if tiers else {delta.kind} if isinstance(delta, (SignDelta, DenseDelta)) else set()
+        if isinstance(delta, DenseDelta):
+            self.torch_slots.add(slot)
+        else:
+            self.torch_slots.discard(slot)
+        if tiers:
+            self.group_size = group_size
+        self.version += 1
+
     def nbytes(self) -> int:
         tensors = [self.sign_bits, self.sign_scales, self.lr_u, self.lr_v, self.lr_s, self.dense]
         tensors += [getattr(t, f) for t in self.packed for f in ("v_planes", "v_scales", "u_planes", "u_scales", "s")]

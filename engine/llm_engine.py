@@ -19,6 +19,7 @@ from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob, TopLogprob
 from deltaserve.engine.sampler import logprobs, sample
 from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.slot_bank import LoadPlan
 from deltaserve.engine.sequence import Sequence
 
 
@@ -159,6 +160,16 @@ class LLMEngine:
     def load_delta(self, slot: int, delta: DeltaFile) -> None:
         self.check_delta(slot, delta)
         self.runner.bank.load(slot, delta)
+
+    def plan_load(self, slot: int, staged: DeltaFile) -> LoadPlan | None:
+        """stage_delta's result as one batched copy into `slot` (SlotBank.plan_load); safe while steps run."""
+        self.check_delta(slot, staged)
+        return self.runner.bank.plan_load(slot, staged)
+
+    def load_planned(self, slot: int, staged: DeltaFile, plan: LoadPlan | None) -> None:
+        """Load a staged delta by its plan if the plan still applies, else in full."""
+        if plan is None or not self.runner.bank.apply_plan(plan):
+            self.load_delta(slot, staged)
 
     def clear_slot(self, slot: int) -> None:
         if not 0 <= slot < self.config.max_slots:

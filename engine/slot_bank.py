@@ -37,6 +37,16 @@ class DeltaRows:
                 mine.copy_(theirs)
 
 
+@dataclass
+class LoadPlan:
+    """SlotBank.plan_load's result: the copies that put `delta` into `slot`, and the buffers they write into."""
+
+    slot: int
+    delta: DeltaFile
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]     # (destination view, source on the device)
+    buffers: list[tuple]                               # WeightSlots.buffers() of every weight when planned
+
+
 class SlotBank:
     def __init__(self, shapes: dict[str, tuple[int, ...]], num_slots: int, bits_per_param: float,
                  device: torch.device, dtype: torch.dtype):
@@ -82,6 +92,53 @@ class SlotBank:
         self.clear(slot)
         for name, d in delta.weights.items():
             self.weights[name].write(slot, d, delta.group_size)
+        self._note_kinds(slot, delta)
+
+    def plan_load(self, slot: int, delta: DeltaFile) -> LoadPlan | None:
+        """A load of `delta` (its tensors on the device) into `slot` as one batched copy, or None when it needs
+        load() (a buffer must grow, or an svd delta). Building the views takes thousands of torch calls, so a
+        caller builds the plan off the step thread and apply_plan runs on it: one call there instead of all."""
+        self.check(slot, delta)
+        pairs, buffers = [], []
+        for name, w in self.weights.items():
+            # Buffers noted before their views are taken: one grown meanwhile (by a load on the step thread)
+            # fails apply_plan's check instead of taking copies into a buffer no longer in use.
+            buffers.append(w.buffers())
+            weight_pairs = w.copy_plan(slot, delta.weights.get(name), delta.group_size)
+            if weight_pairs is None:
+                return None
+            pairs += weight_pairs
+        return LoadPlan(slot, delta, pairs, buffers)
+
+    def apply_plan(self, plan: LoadPlan) -> bool:
+        """Do a planned load; False, changing nothing, when a buffer was replaced since (load() then)."""
+        for w, planned in zip(self.weights.values(), plan.buffers):
+            now = w.buffers()
+            if len(now) != len(planned) or any(a is not b for a, b in zip(now, planned)):
+                return False
+        self.check(plan.slot, plan.delta)
+        torch._foreach_copy_([dst for dst, _ in plan.pairs], [src for _, src in plan.pairs])
+        self._forget(plan.slot)
+        for name, w in self.weights.items():
+            w.commit_plan(plan.slot, plan.delta.weights.get(name), plan.delta.group_size)
+        self._note_kinds(plan.slot, plan.delta)
+        return True
+
+    def clear(self, slot: int) -> None:
+        self._forget(slot)
+        for w in self.weights.values():
+            w.clear(slot)
+
+    def _forget(self, slot: int) -> None:
+        """Host state of a slot being emptied: its K/V expires, graphs re-check the layout, kinds forget it."""
+        self.generation[slot] += 1
+        self._layout = None
+        for slots in self._kind_slots.values():
+            slots.discard(slot)
+        if not self._kind_slots["packed"]:
+            self.group_size = 0
+
+    def _note_kinds(self, slot: int, delta: DeltaFile) -> None:
         kinds = set().union(*(self.weights[name].kinds[slot] for name in delta.weights))
         for kind in ("packed", "sign"):
             if kind in kinds:
@@ -90,16 +147,6 @@ class SlotBank:
             self._kind_slots["torch"].add(slot)
         if "packed" in kinds:
             self.group_size = delta.group_size
-
-    def clear(self, slot: int) -> None:
-        self.generation[slot] += 1
-        self._layout = None
-        for w in self.weights.values():
-            w.clear(slot)
-        for slots in self._kind_slots.values():
-            slots.discard(slot)
-        if not self._kind_slots["packed"]:
-            self.group_size = 0
 
     def nbytes(self) -> int:
         return sum(w.nbytes() for w in self.weights.values())

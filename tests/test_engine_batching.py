@@ -5,6 +5,7 @@ import asyncio
 import dataclasses
 
 import pytest
+import torch
 
 from deltaserve.engine import AsyncEngine, EngineConfig, SamplingParams
 from engine_fixtures import PROMPTS, greedy, make_engine, make_tenants, run_to_end
@@ -160,6 +161,54 @@ def test_async_engine_streams_aborts_and_reports(tenants, solo):
     assert a[0] == solo[0, 0] and b[0] == solo[1, 2] and d[0] == solo[2, -1]
     assert a[1].finished and a[1].finish_reason == "length" and a[1].num_completion_tokens == 32
     assert stats.kv_blocks_used == 0 and stats.steps_total > 0 and stats.backbone_bytes > 0
+
+
+def _bank_state(engine) -> tuple:
+    """Every slot buffer and the host-side state of an engine's slot bank."""
+    bank = engine.runner.bank
+    weights = []
+    for w in bank.weights.values():
+        buffers = [t for t in w.buffers()[:6] if t is not None]
+        buffers += [getattr(t, f) for t in w.packed for f in ("v_planes", "v_scales", "u_planes", "u_scales", "s",
+                                                                 "ranks", "bits")]
+        weights.append(([b.clone() for b in buffers], [set(k) for k in w.kinds], list(w.packed_tiers),
+                        set(w.torch_slots), list(w.lr_rank), w.group_size))
+    return weights, {k: set(v) for k, v in bank._kind_slots.items()}, bank.group_size, list(bank.generation)
+
+
+def _assert_same_state(a: tuple, b: tuple) -> None:
+    (weights_a, *rest_a), (weights_b, *rest_b) = a, b
+    assert rest_a == rest_b
+    for (bufs_a, *host_a), (bufs_b, *host_b) in zip(weights_a, weights_b, strict=True):
+        assert host_a == host_b
+        assert all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b, strict=True))
+
+
+def test_planned_loads_equal_full_loads(tenants):
+    """A load planned as one batched copy leaves the slot bank exactly as load() does, whatever the slot held;
+    a plan that needs a new buffer is not made, and one whose buffers were replaced since is refused."""
+    deltacome, bitdelta, svd = tenants.deltas
+    planned, full = make_engine(tenants), make_engine(tenants)      # slots: deltacome, bitdelta, svd
+    for slot in (2, 0, 1):
+        for delta in (bitdelta, deltacome):
+            plan = planned.plan_load(slot, delta)
+            assert plan is not None and planned.runner.bank.apply_plan(plan)
+            full.load_delta(slot, delta)
+            _assert_same_state(_bank_state(planned), _bank_state(full))
+    assert planned.plan_load(0, svd) is None                        # svd takes the torch path: load() only
+
+    fresh = make_engine(dataclasses.replace(tenants, deltas=[deltacome]), max_slots=3)
+    assert fresh.plan_load(1, bitdelta) is None                     # no sign buffers yet
+    plan = fresh.plan_load(1, deltacome)
+    fresh.load_delta(2, bitdelta)                                   # makes the sign buffers: the plan is stale
+    before = _bank_state(fresh)
+    assert not fresh.runner.bank.apply_plan(plan)
+    _assert_same_state(_bank_state(fresh), before)
+    fresh.load_planned(1, deltacome, plan)                          # falls back to a full load
+    reference = make_engine(dataclasses.replace(tenants, deltas=[deltacome]), max_slots=3)
+    reference.load_delta(2, bitdelta)
+    reference.load_delta(1, deltacome)
+    _assert_same_state(_bank_state(fresh), _bank_state(reference))
 
 
 def test_async_engine_loads_deltas_between_steps(tenants, solo):
