@@ -217,9 +217,10 @@ def load_delta_buffer(
     path: str | Path, data: bytearray, expected_fingerprint: str | None = None,
     base_shapes: Mapping[str, tuple] | None = None,
 ) -> DeltaFile:
-    """load_delta for a file whose exact bytes the caller already holds in ``data``: the same checks and
-    errors (safetensors still validates the header at ``path``), but the tensors are views into ``data``,
-    so a caller that has read the file (to hash it) does not read and copy every tensor again."""
+    """load_delta for a file whose exact bytes the caller already holds in ``data`` (a bytearray or another
+    writable buffer, such as a pinned tensor's numpy view): the same checks and errors (safetensors still
+    validates the header at ``path``), but the tensors are views into ``data``, so a caller that has read the
+    file (to hash it, or into pinned memory) does not read and copy every tensor again."""
     path = Path(path)
     raw, tensors = _read_safetensors(path, lambda f: _tensor_views(data))
     return _checked_delta(path, raw, tensors, expected_fingerprint, base_shapes)
@@ -248,7 +249,7 @@ def _tensor_views(data: bytearray) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file in memory, as views into ``data`` (no copy). Only for bytes whose
     header safetensors has accepted: offsets, sizes and dtypes are trusted here."""
     (header_len,) = struct.unpack_from("<Q", data)
-    header = json.loads(data[8:8 + header_len])
+    header = json.loads(bytes(memoryview(data)[8:8 + header_len]))
     start = 8 + header_len
     views = {}
     for name, info in header.items():

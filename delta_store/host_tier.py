@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from deltaserve.delta_store.format import DeltaFile
+from deltaserve.delta_store.format import DeltaFile, DeltaFormatError, load_delta_buffer
 from deltaserve.delta_store.registry import DeltaVersion
 
 
@@ -32,11 +34,19 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return obj
 
 
-def pin_delta(delta: DeltaFile) -> DeltaFile:
-    """The same delta with its tensors in page-locked memory (unchanged without CUDA)."""
-    if not torch.cuda.is_available():
-        return delta
-    return map_tensors(delta, lambda t: t.pin_memory())
+def read_pinned_delta(path: Path, expected_fingerprint: str | None = None,
+                      base_shapes: Mapping[str, tuple] | None = None) -> DeltaFile:
+    """load_delta with every tensor a view into one page-locked copy of the file (plain memory without CUDA).
+
+    One allocation and one read instead of one of each per tensor: a delta has thousands of tensors, and every
+    torch call of a load thread is a GIL round trip against the engine's busy threads."""
+    size = path.stat().st_size
+    buffer = torch.empty(size, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+    data = buffer.numpy()                       # the buffer protocol view that load_delta_buffer reads
+    with open(path, "rb") as f:
+        if f.readinto(data) != size:
+            raise DeltaFormatError(f"{path}: shorter than its size ({size} bytes) when read")
+    return load_delta_buffer(path, data, expected_fingerprint=expected_fingerprint, base_shapes=base_shapes)
 
 
 class HostTier:

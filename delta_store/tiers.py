@@ -26,8 +26,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Literal
 
-from deltaserve.delta_store.format import load_delta
-from deltaserve.delta_store.host_tier import HostTier, pin_delta
+from deltaserve.delta_store.host_tier import HostTier, read_pinned_delta
 from deltaserve.delta_store.registry import DeltaVersion, TenantStore
 
 
@@ -318,10 +317,8 @@ class DeltaCache:
             self._emit("miss", "host", version.tenant)
             start = time.perf_counter()
             # Validated again, not only at upload: a file damaged on disk must fail here, not in a kernel.
-            delta = pin_delta(
-                load_delta(version.path, expected_fingerprint=self._store.base_fingerprint,
-                           base_shapes=self._store.base_shapes)
-            )
+            delta = read_pinned_delta(version.path, expected_fingerprint=self._store.base_fingerprint,
+                                      base_shapes=self._store.base_shapes)
             self._host.put(version, delta)
             self._emit("load", "host", version.tenant, time.perf_counter() - start)
         else:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltaserve.delta_store.format import load_delta
-from deltaserve.delta_store.host_tier import map_tensors
+from deltaserve.delta_store.format import DeltaFormatError, load_delta
+from deltaserve.delta_store.host_tier import map_tensors, read_pinned_delta
 from deltaserve.delta_store.registry import NoDelta, TenantNotFound, TenantStore
 from deltaserve.delta_store.tiers import CacheEvent, CacheFull, DeltaCache
 from deltaserve.engine import AsyncEngine, EngineConfig, LLMEngine, SamplingParams
@@ -404,8 +404,22 @@ def test_other_tenants_keep_decoding_during_a_cold_load(tiny_base, store):
     run(body())
 
 
+def test_pinned_read_equals_load_delta_and_refuses_a_damaged_file(delta_files, tmp_path):
+    """The disk tier's read (one buffer, pinned under CUDA) gives load_delta's delta; damage fails the same way."""
+    checks = dict(expected_fingerprint=load_delta(delta_files[0]).base_fingerprint)
+    original, pinned = load_delta(delta_files[0], **checks), read_pinned_delta(delta_files[0], **checks)
+    assert pinned.metadata == original.metadata and pinned.weights.keys() == original.weights.keys()
+    for name, weight in original.weights.items():
+        for key, tensor in weight.tensors().items():
+            assert torch.equal(pinned.weights[name].tensors()[key], tensor)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(delta_files[0].read_bytes()[:-100])
+    with pytest.raises(DeltaFormatError):
+        read_pinned_delta(damaged, **checks)
+
+
 def test_map_tensors_rebuilds_every_weight_kind(delta_files):
-    """The walk that pins host copies under CUDA (here with clone: CPU-only tests have no pinned memory)."""
+    """The walk that stages a delta on the engine's device (here with clone: CPU-only tests have one device)."""
     original = load_delta(delta_files[0])
     copied = map_tensors(original, lambda t: t.clone())
     assert copied.metadata == original.metadata and copied.weights.keys() == original.weights.keys()
