@@ -46,10 +46,12 @@ class WeightSlots:
         self.kinds: list[set[str]] = [set() for _ in range(num_slots)]
         self.torch_slots: set[int] = set()              # slots with a lowrank16 or dense delta here
         self.version = 0                                # bumped after every write/clear: layers rebuild kernel args
+        self._plan_cache: tuple[tuple | None, dict] = (None, {})   # copy_plan's views, valid for these buffers
 
     # ---- writing -------------------------------------------------------------------------------------
     def write(self, slot: int, delta: WeightDelta, group_size: int) -> None:
         """Put `delta` into `slot`, which must be clear (SlotBank.load clears it in every weight first)."""
+        self._plan_cache = (None, {})   # it may replace buffers: cached views must not keep the old ones alive
         if isinstance(delta, DenseDelta):
             self.dense = _grown(self.dense, (self.num_slots, *self.shape), self.dtype, self.device)
             self.dense[slot] = delta.delta.to(self.device, self.dtype)
@@ -158,38 +160,72 @@ class WeightSlots:
         """(destination view, source) pairs that leave `slot` as clear(slot) then write(slot, delta) would (delta
         None: clear only), in the buffers as they are now; sources must be on the device. None when that needs a
         buffer first (the first delta of a kind, a larger rank or bit-width, another group size) or is an svd
-        delta: SlotBank.load does those. Nothing here changes until commit_plan."""
+        delta: SlotBank.load does those. Nothing here changes until commit_plan.
+
+        The views and constants are cached per slot and tier shapes while the buffers stay the same objects: a
+        torch call on a loading thread is a GIL round trip, and deltas of one compression setting share shapes."""
         tiers = delta.tiers if isinstance(delta, LowRankDelta) else []
         if any(isinstance(t, FloatTier) for t in tiers) or len(tiers) > len(self.packed):
             return None
         if (isinstance(delta, SignDelta) and self.sign_bits is None) or (isinstance(delta, DenseDelta) and self.dense is None):
             return None
         groups = (num_groups(self.shape[1], group_size), num_groups(self.shape[0], group_size)) if tiers else None
-        pairs = []
+        for q, tier in zip(tiers, self.packed):
+            if (q.bits > tier.bits_cap or q.rank > tier.rank_cap
+                    or (tier.v_scales.shape[2], tier.u_scales.shape[2]) != groups):
+                return None
+        buffers, (cached_for, _) = self.buffers(), self._plan_cache
+        if cached_for is None or len(cached_for) != len(buffers) or any(a is not b for a, b in zip(cached_for, buffers)):
+            self._plan_cache = (buffers, {})
+        key = (slot, tuple((q.bits, q.rank) for q in tiers), type(delta))
+        fixed = self._plan_cache[1].get(key)
+        if fixed is None:
+            fixed = self._plan_cache[1][key] = self._plan_fixed(slot, tiers, delta)
+        destinations, constants = fixed
+        sources = []
+        for q in tiers:
+            sources += [q.v_planes, q.v_scales, q.u_planes, q.u_scales, q.s]
+        if isinstance(delta, SignDelta):
+            sources += [delta.scale.reshape(()), delta.signs]
+        elif isinstance(delta, DenseDelta):
+            sources.append(delta.delta.to(self.dtype))
+        return list(zip(destinations, sources + constants, strict=True))
+
+    def _plan_fixed(self, slot: int, tiers: list[QuantTier], delta: WeightDelta | None
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """copy_plan's destinations: first those taking the delta's tensors (in copy_plan's order), then those
+        taking the constants returned beside them (ranks, bits, zeros)."""
+        def const(value: int) -> torch.Tensor:
+            return torch.tensor([value], dtype=torch.int32, device=self.device)
+
+        def zeros(like: torch.Tensor) -> torch.Tensor:
+            return torch.zeros((), dtype=like.dtype, device=self.device).expand(like.shape)
+
+        taking, fixed, constants = [], [], []
         for t, tier in enumerate(self.packed):
             q = tiers[t] if t < len(tiers) else None
-            s = torch.zeros(tier.rank_cap, dtype=torch.float32, device=self.device)
             if q is not None:
-                if (q.bits > tier.bits_cap or q.rank > tier.rank_cap
-                        or (tier.v_scales.shape[2], tier.u_scales.shape[2]) != groups):
-                    return None
-                s[: q.rank] = q.s
-                pairs += [(tier.v_planes[slot, : q.bits, : q.rank], q.v_planes),
-                          (tier.v_scales[slot, : q.rank], q.v_scales),
-                          (tier.u_planes[slot, : q.bits, : q.rank], q.u_planes),
-                          (tier.u_scales[slot, : q.rank], q.u_scales),
-                          (tier.bits[slot : slot + 1], torch.tensor([q.bits], dtype=torch.int32, device=self.device))]
-            rank = torch.tensor([q.rank if q is not None else 0], dtype=torch.int32, device=self.device)
-            pairs += [(tier.s[slot], s), (tier.ranks[slot : slot + 1], rank)]
-        for buffer, source in ((self.sign_scales, delta.scale.reshape(()) if isinstance(delta, SignDelta) else None),
-                               (self.dense, delta.delta.to(self.dtype) if isinstance(delta, DenseDelta) else None),
-                               (self.lr_s, None)):
-            if buffer is not None:
-                pairs.append((buffer[slot], source if source is not None else
-                              torch.zeros((), dtype=buffer.dtype, device=self.device).expand(buffer.shape[1:])))
+                taking += [tier.v_planes[slot, : q.bits, : q.rank], tier.v_scales[slot, : q.rank],
+                           tier.u_planes[slot, : q.bits, : q.rank], tier.u_scales[slot, : q.rank], tier.s[slot, : q.rank]]
+                fixed.append(tier.bits[slot : slot + 1])
+                constants.append(const(q.bits))
+            rest = tier.s[slot, q.rank if q is not None else 0 :]
+            fixed += [rest, tier.ranks[slot : slot + 1]]
+            constants += [zeros(rest), const(q.rank if q is not None else 0)]
         if isinstance(delta, SignDelta):
-            pairs.append((self.sign_bits[slot], delta.signs))
-        return pairs
+            taking += [self.sign_scales[slot], self.sign_bits[slot]]
+        elif self.sign_scales is not None:
+            fixed.append(self.sign_scales[slot])
+            constants.append(zeros(self.sign_scales[slot]))
+        if isinstance(delta, DenseDelta):
+            taking.append(self.dense[slot])
+        elif self.dense is not None:
+            fixed.append(self.dense[slot])
+            constants.append(zeros(self.dense[slot]))
+        if self.lr_s is not None:
+            fixed.append(self.lr_s[slot])
+            constants.append(zeros(self.lr_s[slot]))
+        return taking + fixed, constants
 
     def commit_plan(self, slot: int, delta: WeightDelta | None, group_size: int) -> None:
         """The host-side state of clear(slot) then write(slot, delta), once copy_plan's pairs were copied."""

@@ -48,6 +48,9 @@ def test_a_reloaded_slot_changes_the_static_steps_output(tenants):
     moved = _generate(engine, (0, 0))
     reference = _generate(make_engine(tenants, cuda_graphs=False), (1, 1))
     assert moved == reference and moved != first
+    # Back by a planned load (one batched copy into the same buffers): the same graphs replay the new bytes.
+    engine.load_planned(0, tenants.deltas[0], engine.plan_load(0, tenants.deltas[0]))
+    assert _generate(engine, (0, 0)) == first
 
 
 @pytest.mark.gpu
@@ -61,3 +64,11 @@ def test_cuda_graph_replay_matches_eager(tenants):
     assert _generate(engine, slots) == eager
     assert engine.runner.graphs.captures > 0
     assert _generate(engine, slots[:3]) == _generate(make_engine(tenants, cuda_graphs=False, **kw), slots[:3])
+    # Slot 0 swapped to the bitdelta tenant by a planned load, then back: the captured graphs follow.
+    for delta in (tenants.deltas[1], tenants.deltas[0]):
+        staged = engine.stage_delta(0, delta)
+        plan = engine.plan_load(0, staged)
+        assert plan is not None and engine.runner.bank.apply_plan(plan)
+        reference = make_engine(tenants, cuda_graphs=False, **kw)
+        reference.load_delta(0, delta)
+        assert _generate(engine, slots) == _generate(reference, slots)

@@ -190,7 +190,7 @@ def test_planned_loads_equal_full_loads(tenants):
     deltacome, bitdelta, svd = tenants.deltas
     planned, full = make_engine(tenants), make_engine(tenants)      # slots: deltacome, bitdelta, svd
     for slot in (2, 0, 1):
-        for delta in (bitdelta, deltacome):
+        for delta in (bitdelta, deltacome, bitdelta, deltacome):     # the second time from cached views
             plan = planned.plan_load(slot, delta)
             assert plan is not None and planned.runner.bank.apply_plan(plan)
             full.load_delta(slot, delta)
