@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     # The event loop, the engine's step thread and the delta tiers' disk-read threads share one GIL, and a
     # thread coming back from a torch call waits up to one switch interval for a busy holder. Reading and
     # loading a delta are thousands of such calls: beside a thread spinning in Python, one SmolLM2 delta load
-    # took 86 s at Python's 5 ms and 7.8 s at 1 ms (CPU, bench/results/load_contention.md).
+    # took 85 s at Python's 5 ms and 11 s at 1 ms (CPU, bench/results/load_contention.md).
     sys.setswitchinterval(0.001)
     uvicorn.run(create_app(config), host=config.server.host, port=config.server.port, log_level=args.log_level)
     return 0
