@@ -155,6 +155,11 @@ class WeightSlots:
         """The buffer objects a copy plan writes into: a grown buffer is a new object, which makes a plan stale."""
         return (self.sign_bits, self.sign_scales, self.dense, self.lr_u, self.lr_v, self.lr_s, *self.packed)
 
+    def holds(self, buffers: tuple | None) -> bool:
+        """Whether `buffers` (an earlier buffers()) are still exactly this weight's buffers."""
+        now = self.buffers()
+        return buffers is not None and len(buffers) == len(now) and all(a is b for a, b in zip(buffers, now))
+
     def copy_plan(self, slot: int, delta: WeightDelta | None, group_size: int
                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """(destination view, source) pairs that leave `slot` as clear(slot) then write(slot, delta) would (delta
@@ -174,9 +179,8 @@ class WeightSlots:
             if (q.bits > tier.bits_cap or q.rank > tier.rank_cap
                     or (tier.v_scales.shape[2], tier.u_scales.shape[2]) != groups):
                 return None
-        buffers, (cached_for, _) = self.buffers(), self._plan_cache
-        if cached_for is None or len(cached_for) != len(buffers) or any(a is not b for a, b in zip(cached_for, buffers)):
-            self._plan_cache = (buffers, {})
+        if not self.holds(self._plan_cache[0]):
+            self._plan_cache = (self.buffers(), {})
         key = (slot, tuple((q.bits, q.rank) for q in tiers), type(delta))
         fixed = self._plan_cache[1].get(key)
         if fixed is None:

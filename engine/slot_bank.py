@@ -96,8 +96,9 @@ class SlotBank:
 
     def plan_load(self, slot: int, delta: DeltaFile) -> LoadPlan | None:
         """A load of `delta` (its tensors on the device) into `slot` as one batched copy, or None when it needs
-        load() (a buffer must grow, or an svd delta). Building the views takes thousands of torch calls, so a
-        caller builds the plan off the step thread and apply_plan runs on it: one call there instead of all."""
+        load() (a buffer must grow, or an svd delta). Planning takes torch calls (thousands the first time a slot
+        sees a tier shape, whose views are then cached), so a caller plans off the step thread and apply_plan
+        runs on it: one batched copy there."""
         self.check(slot, delta)
         pairs, buffers = [], []
         for name, w in self.weights.items():
@@ -112,10 +113,8 @@ class SlotBank:
 
     def apply_plan(self, plan: LoadPlan) -> bool:
         """Do a planned load; False, changing nothing, when a buffer was replaced since (load() then)."""
-        for w, planned in zip(self.weights.values(), plan.buffers):
-            now = w.buffers()
-            if len(now) != len(planned) or any(a is not b for a, b in zip(now, planned)):
-                return False
+        if not all(w.holds(planned) for w, planned in zip(self.weights.values(), plan.buffers)):
+            return False
         self.check(plan.slot, plan.delta)
         torch._foreach_copy_([dst for dst, _ in plan.pairs], [src for _, src in plan.pairs])
         self._forget(plan.slot)
