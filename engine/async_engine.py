@@ -103,6 +103,9 @@ class AsyncEngine:
         staged = self._engine.stage_delta(slot, delta)
         plan = self._engine.plan_load(slot, staged)
         self._on_step_thread(lambda: self._engine.load_planned(slot, staged, plan))
+        # The slot copies read `staged` on the compute stream, and its memory returns to the copy stream's pool
+        # when this returns: wait for them, or the next staging could overwrite it mid-copy.
+        self._engine.synchronize()
 
     def check_delta(self, delta: DeltaFile) -> None:
         """Raise ValueError if `delta` could not go into a slot of this engine (base, shapes, capacity).

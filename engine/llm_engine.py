@@ -171,6 +171,11 @@ class LLMEngine:
         if plan is None or not self.runner.bank.apply_plan(plan):
             self.load_delta(slot, staged)
 
+    def synchronize(self) -> None:
+        """Wait for the work queued on this thread's current stream of the engine's device (no-op off CUDA)."""
+        if self.runner.device.type == "cuda":
+            torch.cuda.current_stream(self.runner.device).synchronize()
+
     def clear_slot(self, slot: int) -> None:
         if not 0 <= slot < self.config.max_slots:
             raise ValueError(f"slot {slot} outside [0, {self.config.max_slots})")
