@@ -137,14 +137,19 @@ class WeightSlots:
 
     def clear(self, slot: int) -> None:
         """Zero the slot everywhere, so a stale delta can never leak into the next tenant's rows."""
-        self.packed_tiers[slot] = []
         for tier in self.packed:
             tier.ranks[slot] = 0
             tier.s[slot] = 0
-            tier.forget(slot)
         for t in (self.sign_scales, self.lr_s, self.dense):
             if t is not None:
                 t[slot] = 0
+        self._forget(slot)
+
+    def _forget(self, slot: int) -> None:
+        """The host-side state of an empty slot (clear's, and commit_plan's before it notes the new delta)."""
+        self.packed_tiers[slot] = []
+        for tier in self.packed:
+            tier.forget(slot)
         self.lr_rank[slot] = 0
         self.kinds[slot].clear()
         self.torch_slots.discard(slot)
@@ -233,19 +238,16 @@ class WeightSlots:
 
     def commit_plan(self, slot: int, delta: WeightDelta | None, group_size: int) -> None:
         """The host-side state of clear(slot) then write(slot, delta), once copy_plan's pairs were copied."""
+        self._forget(slot)
         tiers = delta.tiers if isinstance(delta, LowRankDelta) else []
-        self.packed_tiers[slot] = [(q.rank, q.bits) for q in tiers]
-        for tier in self.packed:
-            tier.forget(slot)
-        self.lr_rank[slot] = 0
-        self.kinds[slot] = {"packed"} if tiers else {delta.kind} if isinstance(delta, (SignDelta, DenseDelta)) else set()
+        if tiers:
+            self.packed_tiers[slot] = [(q.rank, q.bits) for q in tiers]
+            self.kinds[slot].add("packed")
+            self.group_size = group_size
+        elif isinstance(delta, (SignDelta, DenseDelta)):
+            self.kinds[slot].add(delta.kind)
         if isinstance(delta, DenseDelta):
             self.torch_slots.add(slot)
-        else:
-            self.torch_slots.discard(slot)
-        if tiers:
-            self.group_size = group_size
-        self.version += 1
 
     def nbytes(self) -> int:
         tensors = [self.sign_bits, self.sign_scales, self.lr_u, self.lr_v, self.lr_s, self.dense]

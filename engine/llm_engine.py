@@ -162,8 +162,8 @@ class LLMEngine:
         self.runner.bank.load(slot, delta)
 
     def plan_load(self, slot: int, staged: DeltaFile) -> LoadPlan | None:
-        """stage_delta's result as one batched copy into `slot` (SlotBank.plan_load); safe while steps run."""
-        self.check_delta(slot, staged)
+        """stage_delta's result (checked there) as one batched copy into `slot` (SlotBank.plan_load); safe while
+        steps run."""
         return self.runner.bank.plan_load(slot, staged)
 
     def load_planned(self, slot: int, staged: DeltaFile, plan: LoadPlan | None) -> None:

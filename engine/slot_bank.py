@@ -98,8 +98,8 @@ class SlotBank:
         """A load of `delta` (its tensors on the device) into `slot` as one batched copy, or None when it needs
         load() (a buffer must grow, or an svd delta). Planning takes torch calls (thousands the first time a slot
         sees a tier shape, whose views are then cached), so a caller plans off the step thread and apply_plan
-        runs on it: one batched copy there."""
-        self.check(slot, delta)
+        runs on it: one batched copy there. `delta` must have passed check(slot, delta) (LLMEngine.stage_delta
+        runs it); apply_plan checks again, as resident deltas may have changed since."""
         pairs, buffers = [], []
         for name, w in self.weights.items():
             # Buffers noted before their views are taken: one grown meanwhile (by a load on the step thread)
