@@ -14,13 +14,13 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_BITS, T_BITS_CAP,
-                           T_RANK_CAP, T_RANKS, T_U_PLANES, T_U_SCALES, T_Z_COL, TIER_COLS, LowRankPlan,
-                           z_columns)
-from .segment_tiles import segment_tile_rows
+from .bitserial import DECODE_MAX_ROWS, add_at_set_bits
+from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_U_PLANES, T_U_SCALES,
+                           T_Z_COL, TIER_COLS, LowRankPlan, tier_factor, z_columns)
+from .segment_tiles import segment_tile_rows, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import LaunchConfig, launch_config, work_bucket
+from .tuning import LaunchConfig, decode_config, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
@@ -32,6 +32,7 @@ def _expand_kernel(
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
     UNPACK: tl.constexpr,
 ):
+    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
     split = tl.program_id(0) % SPLIT_R  # this program takes rank blocks split, split + SPLIT_R, ... of each tier
     pdesc = projs_ptr + proj * PROJ_COLS
@@ -42,35 +43,83 @@ def _expand_kernel(
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:  # padding tile of static metadata
         return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
-    slot64 = slot.to(tl.int64)
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
     offs_n = n0 + tile_offsets(BLOCK_N, UNPACK)  # in the order unpack_centred gives the codes
-    n_words = tl.cdiv(d_out, 32)
-    n_groups = tl.cdiv(d_out, group_size)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tier in range(tl.load(pdesc + P_TIER_BEGIN).to(tl.int32), tl.load(pdesc + P_TIER_END).to(tl.int32)):
         desc = tiers_ptr + tier * TIER_COLS
-        rank = tl.load(tl.load(desc + T_RANKS).to(tl.pointer_type(tl.int32)) + slot)
-        nbits = tl.load(tl.load(desc + T_BITS).to(tl.pointer_type(tl.int32)) + slot)
-        rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
-        bits_cap = tl.load(desc + T_BITS_CAP).to(tl.int32)
+        rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(desc, slot, d_out, group_size,
+                                                                                   T_U_PLANES, T_U_SCALES)
         z_col = tl.load(desc + T_Z_COL).to(tl.int32)
-        planes = tl.load(desc + T_U_PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
-        scales = tl.load(desc + T_U_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
         for r0 in range(split * BLOCK_R, rank, SPLIT_R * BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < rank
             zt = tl.load(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :],
                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [M, R] fp32
             scale = tl.load(scales + offs_r * n_groups + n0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
-            q2 = unpack_centred(planes, rank_cap * n_words, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
+            q2 = unpack_centred(planes, plane_stride, n_words, offs_r, r_mask, n0 // 32, n_words, nbits,
                                 tl.float32, BLOCK_R, BLOCK_N, UNPACK)  # [R, N] 2 * (code - centre)
             acc += tl.dot(zt * (0.5 * scale)[None, :], q2)
     out = ws_ptr + rows[:, None] * stride_wm + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
     tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :])
+
+
+@triton.jit
+def _expand_decode_kernel(
+    ws_ptr, z_ptr, tiers_ptr, projs_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
+    group_size, stride_wm, stride_zm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
+):
+    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
+    program holds BLOCK_N outputs of one row in registers and walks ranks split, split + SPLIT_R, ...: for each
+    rank and plane, one word per 32 outputs, z times the group scale added where a bit is set."""
+    pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
+    split = tl.program_id(0) % SPLIT_R
+    pdesc = projs_ptr + proj * PROJ_COLS
+    d_out = tl.load(pdesc + P_D_OUT).to(tl.int32)
+    n0 = pid_n * BLOCK_N
+    if n0 >= d_out:
+        return
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:
+        return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
+    slot = tl.load(seg_slots_ptr + seg)
+    words = n0 // 32 + tl.arange(0, BLOCK_N // 32)
+    offs_n = words[None, :] * 32 + tl.arange(0, 32)[:, None]  # [32, NW]: bit j of word w is output 32 w + j
+    first = tl.load(blk_start_ptr + pid_m)
+    for i in range(0, n_rows):
+        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
+        acc = tl.zeros((32, BLOCK_N // 32), dtype=tl.float32)  # sum over ranks of 2 zs * code
+        centre = tl.zeros((BLOCK_N // 32,), dtype=tl.float32)  # sum over ranks of zs * (2^nbits - 1)
+        for tier in range(tl.load(pdesc + P_TIER_BEGIN).to(tl.int32), tl.load(pdesc + P_TIER_END).to(tl.int32)):
+            desc = tiers_ptr + tier * TIER_COLS
+            rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(
+                desc, slot, d_out, group_size, T_U_PLANES, T_U_SCALES)
+            w_mask = words < n_words
+            groups = words * 32 // group_size
+            z_row = z_ptr + row * stride_zm + tl.load(desc + T_Z_COL).to(tl.int32)
+            odd = ((1 << nbits) - 1).to(tl.float32)
+            for r in range(split, rank, SPLIT_R):
+                # zs = z * scale / 2 per word: the codes are doubled, 2 * code - odd
+                zs = tl.load(z_row + r) * 0.5 * tl.load(scales + r * n_groups + groups, mask=w_mask,
+                                                         other=0.0).to(tl.float32)
+                centre += zs * odd
+                step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
+                for p in range(0, nbits):
+                    w = tl.load(planes + p * plane_stride + r * n_words + words, mask=w_mask, other=0)
+                    acc = add_at_set_bits(acc, w, step)
+                    step = step * 2.0
+        out = ws_ptr + row * stride_wm + tl.load(pdesc + P_OUT_OFFSET) + offs_n
+        tl.atomic_add(out, acc - centre[None, :], mask=offs_n < d_out)
 
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
@@ -82,16 +131,19 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    config = config or launch_config("expand", (plan.max_d_out,), group_size, work_bucket(blk_seg.shape[0]),
-                                     block_m)
-    _, block_n, split_r = config.tiles
-    grid = (blk_seg.shape[0] * split_r, triton.cdiv(plan.max_d_out, block_n), plan.projections.shape[0])
-    _expand_kernel[grid](
-        ws, z, plan.tiers, plan.projections,
-        meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        group_size, ws.stride(0), z.stride(0),
-        BLOCK_M=block_m, **config.launch_kwargs("expand"),
-    )
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    work = work_bucket(blk_seg.shape[0])
+    args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,
+            blk_seg, blk_start, group_size, ws.stride(0), z.stride(0))
+    if dot:
+        config = config or launch_config("expand", (plan.max_d_out,), group_size, work, block_m)
+        _, block_n, split_r = config.tiles
+        grid = (blk_seg.shape[0] * split_r, triton.cdiv(plan.max_d_out, block_n), plan.projections.shape[0])
+        _expand_kernel[grid](*args, BLOCK_M=block_m, **config.launch_kwargs("expand"))
+    if decode:
+        d = decode_config("expand", work, group_size)
+        grid = (blk_seg.shape[0] * d["SPLIT_R"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), plan.projections.shape[0])
+        _expand_decode_kernel[grid](*args, BLOCK_M=block_m, **d)
     add_workspace(y, ws)
 
 

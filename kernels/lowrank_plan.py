@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from .slots import LowRankProjection
@@ -32,6 +33,23 @@ P_TIER_END = tl.constexpr(1)
 P_OUT_OFFSET = tl.constexpr(2)
 P_D_OUT = tl.constexpr(3)
 PROJ_COLS = tl.constexpr(4)
+
+
+@triton.jit
+def tier_factor(desc, slot, d, group_size, PLANES: tl.constexpr, SCALES: tl.constexpr):
+    """Where slot's V (PLANES=T_V_PLANES, SCALES=T_V_SCALES, d = d_in) or U (T_U_PLANES, T_U_SCALES, d = d_out)
+    lives in the tier at descriptor desc: (rank, nbits, planes int32 pointer of plane 0 row 0, plane stride,
+    scales fp16 pointer of rank 0, words per row, scale groups per row)."""
+    rank = tl.load(tl.load(desc + T_RANKS).to(tl.pointer_type(tl.int32)) + slot)
+    nbits = tl.load(tl.load(desc + T_BITS).to(tl.pointer_type(tl.int32)) + slot)
+    rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
+    bits_cap = tl.load(desc + T_BITS_CAP).to(tl.int32)
+    n_words = tl.cdiv(d, 32)
+    n_groups = tl.cdiv(d, group_size)
+    slot64 = slot.to(tl.int64)
+    planes = tl.load(desc + PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
+    scales = tl.load(desc + SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
+    return rank, nbits, planes, rank_cap * n_words, scales, n_words, n_groups
 
 
 def z_columns(projections: list[LowRankProjection]) -> tuple[list[list[int]], int]:

@@ -17,12 +17,21 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .lowrank_plan import (T_BITS, T_BITS_CAP, T_RANK_CAP, T_RANKS, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL,
-                           TIER_COLS, LowRankPlan, z_columns)
-from .segment_tiles import segment_tile_rows, split_k_range
+from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
+from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
+                           z_columns)
+from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import LaunchConfig, dot_dtype, launch_config, work_bucket
+from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
+
+
+@triton.jit
+def _tier_slot_s(desc, slot, offs_r, r_mask):
+    """fp32 [BLOCK_R] singular values s of slot's ranks offs_r in the tier at desc."""
+    s_ptr = tl.load(desc + T_S).to(tl.pointer_type(tl.float32))
+    rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int64)
+    return tl.load(s_ptr + slot.to(tl.int64) * rank_cap + offs_r, mask=r_mask, other=0.0)
 
 
 @triton.jit
@@ -33,48 +42,80 @@ def _shrink_kernel(
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
+    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
-    desc = tiers_ptr + tier * TIER_COLS
-    rank_cap = tl.load(desc + T_RANK_CAP).to(tl.int32)
-    r0 = pid_r * BLOCK_R
-    if r0 >= rank_cap:  # the grid covers the largest tier; smaller tiers exit here
-        return
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:  # padding tile of static metadata
         return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(tl.load(desc + T_RANKS).to(tl.pointer_type(tl.int32)) + slot)
-    if r0 >= rank:
+    desc = tiers_ptr + tier * TIER_COLS
+    rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(desc, slot, d_in, group_size,
+                                                                               T_V_PLANES, T_V_SCALES)
+    r0 = pid_r * BLOCK_R
+    if r0 >= rank:  # the grid covers the largest tier; smaller tiers and ranks exit here
         return
-    nbits = tl.load(tl.load(desc + T_BITS).to(tl.pointer_type(tl.int32)) + slot)
-    bits_cap = tl.load(desc + T_BITS_CAP).to(tl.int32)
-    z_col = tl.load(desc + T_Z_COL).to(tl.int32)
-
+    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-
-    n_words = tl.cdiv(d_in, 32)
-    n_groups = tl.cdiv(d_in, group_size)
-    slot64 = slot.to(tl.int64)
-    planes = tl.load(desc + T_V_PLANES).to(tl.pointer_type(tl.int32)) + slot64 * bits_cap * rank_cap * n_words
-    scales = tl.load(desc + T_V_SCALES).to(tl.pointer_type(tl.float16)) + slot64 * rank_cap * n_groups
-
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the codes
         xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :],
                      mask=m_mask[:, None] & (offs_k[None, :] < d_in), other=0.0)  # [M, K]
-        q2 = unpack_centred(planes, rank_cap * n_words, n_words, offs_r, r_mask, k0 // 32, n_words, nbits,
+        q2 = unpack_centred(planes, plane_stride, n_words, offs_r, r_mask, k0 // 32, n_words, nbits,
                             DOT_DTYPE, BLOCK_R, BLOCK_K, UNPACK)  # [R, K] 2 * (code - centre)
         scale = tl.load(scales + offs_r * n_groups + k0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
         acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(q2)) * (0.5 * scale)[None, :]
-    s = tl.load(tl.load(desc + T_S).to(tl.pointer_type(tl.float32)) + slot64 * rank_cap + offs_r,
-                mask=r_mask, other=0.0)
+    s = _tier_slot_s(desc, slot, offs_r, r_mask)
+    z_col = tl.load(desc + T_Z_COL).to(tl.int32)
     tl.atomic_add(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * s[None, :],
                   mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _shrink_decode_kernel(
+    x_ptr, z_ptr, tiers_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
+    d_in, group_size, stride_xm, stride_zm,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
+    one pass over the slot's words per row (the later rows read them from L1/L2)."""
+    pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:
+        return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
+    slot = tl.load(seg_slots_ptr + seg)
+    desc = tiers_ptr + tier * TIER_COLS
+    rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(desc, slot, d_in, group_size,
+                                                                               T_V_PLANES, T_V_SCALES)
+    r0 = pid_r * BLOCK_R
+    if r0 >= rank:
+        return
+    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    s = _tier_slot_s(desc, slot, offs_r, r_mask)
+    z_col = tl.load(desc + T_Z_COL).to(tl.int32)
+    first = tl.load(blk_start_ptr + pid_m)
+    for i in range(0, n_rows):
+        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            q2 = centred_word_dots(planes + offs_r[:, None] * n_words + words[None, :], plane_stride,
+                                   r_mask[:, None] & (words < n_words)[None, :], nbits,
+                                   x_ptr + row * stride_xm + words * 32, words < n_words)  # [R] 2 * (code - centre) . x
+            scale = tl.load(scales + offs_r * n_groups + k0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
+            acc += q2 * (0.5 * scale)
+        tl.atomic_add(z_ptr + row * stride_zm + z_col + offs_r, acc * s, mask=r_mask)
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
@@ -87,16 +128,22 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    config = config or launch_config("shrink", (x.shape[1], plan.max_rank_cap), group_size,
-                                     work_bucket(blk_seg.shape[0]), block_m)
-    block_r, _, split_k = config.tiles
-    grid = (blk_seg.shape[0] * split_k, plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, block_r))
-    _shrink_kernel[grid](
-        x, z, plan.tiers,
-        meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], group_size, x.stride(0), z.stride(0),
-        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m, **config.launch_kwargs("shrink"),
-    )
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    work = work_bucket(blk_seg.shape[0])
+    meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
+                 x.shape[1], group_size, x.stride(0), z.stride(0))
+    if dot:
+        config = config or launch_config("shrink", (x.shape[1], plan.max_rank_cap), group_size, work, block_m)
+        block_r, _, split_k = config.tiles
+        grid = (blk_seg.shape[0] * split_k, plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, block_r))
+        _shrink_kernel[grid](x, z, plan.tiers, *meta_args, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
+                             **config.launch_kwargs("shrink"))
+    if decode:
+        d = decode_config("shrink", work, group_size)
+        grid = (blk_seg.shape[0] * d["SPLIT_K"], plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, d["BLOCK_R"]))
+        xw = padded_to_words(x)
+        _shrink_decode_kernel[grid](xw, z, plan.tiers, *meta_args[:-2], xw.stride(0), z.stride(0), BLOCK_M=block_m,
+                                    **d)
     return z
 
 

@@ -21,3 +21,11 @@ def split_k_range(d_in, split, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = split * k_chunk
     return k_begin, tl.minimum(k_begin + k_chunk, d_in)
+
+
+@triton.jit
+def tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M: tl.constexpr):
+    """How many rows row tile pid_m of segment seg holds (1..BLOCK_M): the decode and tl.dot kernels split the
+    tiles between them by it."""
+    seg_end = tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
+    return tl.minimum(seg_end - tl.load(blk_start_ptr + pid_m), BLOCK_M)

@@ -16,11 +16,12 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
-from .segment_tiles import segment_tile_rows, split_k_range
+from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
+from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import LaunchConfig, dot_dtype, launch_config, work_bucket
+from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
@@ -53,24 +54,17 @@ def _sign_kernel(
     DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
+    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
+    seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
+        projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
+    if seg < 0:  # past the widest projection's rows, or a padding tile of static metadata
+        return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
-    desc = projs_ptr + proj * SIGN_COLS
-    d_out = tl.load(desc + S_D_OUT).to(tl.int32)
-    n0 = pid_n * BLOCK_N
-    if n0 >= d_out:  # the grid covers the widest projection
-        return
-    seg = tl.load(blk_seg_ptr + pid_m)
-    if seg < 0:  # padding tile of static metadata
-        return
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < d_out
-    n_words = tl.cdiv(d_in, 32)
-    signs = tl.load(desc + S_SIGNS).to(tl.pointer_type(tl.int32)) + slot * d_out * n_words
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tile_offsets(BLOCK_K, UNPACK)  # in the order unpack_centred gives the signs
@@ -79,9 +73,54 @@ def _sign_kernel(
         sign = unpack_centred(signs, 0, n_words, offs_n, n_mask, k0 // 32, n_words, 1,
                               DOT_DTYPE, BLOCK_N, BLOCK_K, UNPACK)  # [N, K] 2 * bit - 1
         acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(sign))
-    scale = tl.load(tl.load(desc + S_SCALES).to(tl.pointer_type(tl.float32)) + slot)
-    out = ws_ptr + rows[:, None] * stride_wm + (tl.load(desc + S_OUT_OFFSET) + offs_n)[None, :]
+    out = ws_ptr + rows[:, None] * stride_wm + (out_offset + offs_n)[None, :]
     tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sign_decode_kernel(
+    ws_ptr, x_ptr, projs_ptr,
+    sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
+    d_in, stride_wm, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
+    pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
+    seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
+        projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
+    if seg < 0:
+        return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
+    k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
+    first = tl.load(blk_start_ptr + pid_m)
+    for i in range(0, n_rows):
+        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            acc += centred_word_dots(signs + offs_n[:, None] * n_words + words[None, :], 0,
+                                     n_mask[:, None] & (words < n_words)[None, :], 1,
+                                     x_ptr + row * stride_xm + words * 32, words < n_words)  # [N] (2 bit - 1) . x
+        tl.atomic_add(ws_ptr + row * stride_wm + out_offset + offs_n, acc * scale, mask=n_mask)
+
+
+@triton.jit
+def _program_signs(projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N: tl.constexpr):
+    """What a program of either kernel works on: (segment, -1 for nothing to do; slot; the slot's sign words
+    int32 pointer; its scale; the projection's first output column; sign rows offs_n [BLOCK_N] and their mask;
+    words per sign row)."""
+    desc = projs_ptr + proj * SIGN_COLS
+    d_out = tl.load(desc + S_D_OUT).to(tl.int32)
+    seg = tl.load(blk_seg_ptr + pid_m)
+    seg = tl.where(pid_n * BLOCK_N < d_out, seg, -1)  # the grid covers the widest projection
+    slot = tl.load(seg_slots_ptr + tl.maximum(seg, 0)).to(tl.int64)
+    n_words = tl.cdiv(d_in, 32)
+    signs = tl.load(desc + S_SIGNS).to(tl.pointer_type(tl.int32)) + slot * d_out * n_words
+    scale = tl.load(tl.load(desc + S_SCALES).to(tl.pointer_type(tl.float32)) + slot)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return seg, slot, signs, scale, tl.load(desc + S_OUT_OFFSET), offs_n, offs_n < d_out, n_words
 
 
 def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
@@ -98,16 +137,21 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    config = config or launch_config("sign", (x.shape[1], plan.max_d_out), None, work_bucket(blk_seg.shape[0]),
-                                     block_m)
-    block_n, _, split_k = config.tiles
-    grid = (blk_seg.shape[0] * split_k, triton.cdiv(plan.max_d_out, block_n), len(projections))
-    _sign_kernel[grid](
-        ws, x, plan.table,
-        meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
-        x.shape[1], ws.stride(0), x.stride(0),
-        DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m, **config.launch_kwargs("sign"),
-    )
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    work = work_bucket(blk_seg.shape[0])
+    meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
+                 ws.stride(0))
+    if dot:
+        config = config or launch_config("sign", (x.shape[1], plan.max_d_out), None, work, block_m)
+        block_n, _, split_k = config.tiles
+        grid = (blk_seg.shape[0] * split_k, triton.cdiv(plan.max_d_out, block_n), len(projections))
+        _sign_kernel[grid](ws, x, plan.table, *meta_args, x.stride(0), DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
+                           **config.launch_kwargs("sign"))
+    if decode:
+        d = decode_config("sign", work, None)
+        grid = (blk_seg.shape[0] * d["SPLIT_K"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), len(projections))
+        xw = padded_to_words(x)
+        _sign_decode_kernel[grid](ws, xw, plan.table, *meta_args, xw.stride(0), BLOCK_M=block_m, **d)
     add_workspace(y, ws)
 
 

@@ -219,6 +219,21 @@ def candidates(kernel: str) -> list[LaunchConfig]:
     return [LaunchConfig((a, b, c), UNPACK_NAMES.index(u), w, s) for a, b, c, u, w, s in rows]
 
 
+def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, int]:
+    """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"): chosen from
+    their SASS (kernels/bitserial.py), not timed yet. A thread keeps 2 words of a 32-word-wide tile, so the 32
+    x values it loads serve both; fewer row tiles split the reduction more ways to fill the GPU."""
+    if _interpreting():
+        return {"BLOCK_R": 16, "BLOCK_K": 32, "SPLIT_K": 2} if kernel == "shrink" else \
+            {"BLOCK_N": 64, "SPLIT_R": 2} if kernel == "expand" else {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
+    split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
+    if kernel == "shrink":
+        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
+    if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
+        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4}
+    return {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": 4}
+
+
 def block_m_for(max_seg_len: int) -> int:
     """Row-tile height: the smallest tl.dot-able tile holding a whole segment, so rows sharing a slot read its
     bytes once, up to 64 (prefill segments then take several tiles, re-reading the slot from L2)."""

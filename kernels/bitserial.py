@@ -1,0 +1,55 @@
+"""Triton device helpers of the decode (BGMV) kernels: bit-serial products of bit-plane codes, on the CUDA cores.
+
+A decode tile holds one to DECODE_MAX_ROWS rows of one slot, so tl.dot would pad it to 16 rows and, worse, the
+tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
+instructions an element on the H100 (SASS of the tl.dot kernels, bench/results/kernels.md: 2-7% of copy
+bandwidth). Here a thread keeps each 32-bit plane word whole and walks its 32 bits with the bit index known at
+compile time: one bit test and one predicated add per bit (ptxas emits LOP3.P + @P FADD, SASS checked with
+triton 3.6 for sm_90), with no shared memory at all. Codes are never built: sum_k code_k x_k is
+sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per word through the sum of x.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Row tiles of at most this many rows go to the decode kernels, taller ones to the tl.dot (SGMV) kernels: a
+# decode program walks every bit once per row, a tl.dot program once per tile of up to 64 rows.
+DECODE_MAX_ROWS = tl.constexpr(2)
+
+
+@triton.jit
+def centred_word_dots(words_ptrs, plane_stride, w_mask, nbits, x_ptrs, x_mask):
+    """sum over each word's 32 elements of (2 * code - (2^nbits - 1)) * x, fp32 [R]: words_ptrs [R, KW] point
+    at plane 0's words (plane p at + p * plane_stride), x_ptrs [KW] at x[32 * w] of each word (fp16/bf16/fp32;
+    rows padded to whole words, see padded_to_words), x_mask [KW] whether the word exists. Masked words count
+    as 0. nbits >= 1."""
+    # The sum of x through one vector load: the bit loop's 32 scalar loads a tile are hoisted out of the plane
+    # loop but never merged with another loop's, and each costs a load and a conversion.
+    xs = tl.load(x_ptrs[:, None] + tl.arange(0, 32)[None, :], mask=x_mask[:, None], other=0.0)
+    xsum = tl.sum(xs.to(tl.float32), axis=1)
+    codes_x = tl.zeros(words_ptrs.shape, dtype=tl.float32)  # sum_k code_k x_k per word
+    weight = 1.0  # 2^p
+    for p in range(0, nbits):
+        w = tl.load(words_ptrs + p * plane_stride, mask=w_mask, other=0)
+        plane_x = tl.zeros(words_ptrs.shape, dtype=tl.float32)
+        for j in tl.static_range(32):
+            xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
+            plane_x = tl.where(((w >> j) & 1) != 0, plane_x + xj[None, :], plane_x)  # a predicated add
+        codes_x += plane_x * weight
+        weight *= 2.0
+    return tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[None, :], axis=1)  # weight - 1 = 2^nbits - 1
+
+
+def padded_to_words(x: torch.Tensor) -> torch.Tensor:
+    """x [B, d] itself when d is a multiple of 32 (every model we serve), else a copy padded with zeros to
+    whole words, so that the decode kernels read x word by word with no per-element bound."""
+    pad = -x.shape[1] % 32
+    return x if pad == 0 else torch.nn.functional.pad(x, (0, pad))
+
+
+@triton.jit
+def add_at_set_bits(acc, words, zs):
+    """acc [32, NW] fp32 plus zs [NW] where the bit is set: acc[j, w] += zs[w] if bit j of words[w] is 1. The
+    bit index is the first axis so that a thread holds all 32 bits of its words (a word per lane, loaded once)."""
+    jr = tl.arange(0, 32)
+    return tl.where(((words[None, :] >> jr[:, None]) & 1) != 0, acc + zs[None, :], acc)
