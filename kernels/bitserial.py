@@ -1,7 +1,7 @@
 """Triton device helpers of the decode (BGMV) kernels: bit-serial products of bit-plane codes, on the CUDA cores.
 
-A decode tile holds one to DECODE_MAX_ROWS (kernels/segment_tiles.py) rows of one slot, so tl.dot would pad it
-to 16 rows and, worse, the tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
+A decode tile holds one to DECODE_MAX_ROWS rows of one slot, so tl.dot would pad it to 16 rows and, worse, the
+tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
 instructions an element on the H100 (SASS of the tl.dot kernels, bench/results/kernels.md: 2-7% of copy
 bandwidth). Here a thread keeps each 32-bit plane word whole and walks its 32 bits with the bit index known at
 compile time: one bit test and one predicated add per bit (ptxas emits LOP3.P + @P FADD, SASS checked with
@@ -11,6 +11,10 @@ sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per 
 import torch
 import triton
 import triton.language as tl
+
+# Row tiles of at most this many rows go to the decode kernels, taller ones to the tl.dot (SGMV) kernels: a
+# decode program walks every bit once per row, a tl.dot program once per tile of up to 64 rows.
+DECODE_MAX_ROWS = tl.constexpr(2)
 
 
 @triton.jit

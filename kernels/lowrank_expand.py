@@ -14,10 +14,10 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import add_at_set_bits
+from .bitserial import DECODE_MAX_ROWS, add_at_set_bits
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_U_PLANES, T_U_SCALES,
                            T_Z_COL, TIER_COLS, LowRankPlan, tier_factor, z_columns)
-from .segment_tiles import kernel_tile, segment_tile_rows
+from .segment_tiles import segment_tile_rows, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import LaunchConfig, decode_config, launch_config, work_bucket
@@ -40,9 +40,11 @@ def _expand_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= d_out:  # the grid covers the widest projection
         return
-    seg, _ = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M, DECODE=False)
-    if seg < 0:  # padding tile of static metadata, or the decode kernel's tile
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:  # padding tile of static metadata
         return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
@@ -84,10 +86,12 @@ def _expand_decode_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= d_out:
         return
-    seg, n_rows = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M,
-                              DECODE=True)
-    if seg < 0:  # padding tile of static metadata, or the tl.dot kernel's tile
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:
         return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     words = n0 // 32 + tl.arange(0, BLOCK_N // 32)
     offs_n = words[None, :] * 32 + tl.arange(0, 32)[:, None]  # [32, NW]: bit j of word w is output 32 w + j
@@ -127,7 +131,7 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds(block_m)
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
     work = work_bucket(blk_seg.shape[0])
     args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             blk_seg, blk_start, group_size, ws.stride(0), z.stride(0))

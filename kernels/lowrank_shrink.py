@@ -17,10 +17,10 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_word_dots, padded_to_words
+from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
 from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
                            z_columns)
-from .segment_tiles import kernel_tile, segment_tile_rows, split_k_range
+from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
@@ -44,9 +44,11 @@ def _shrink_kernel(
 ):
     """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    seg, _ = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M, DECODE=False)
-    if seg < 0:  # padding tile of static metadata, or the decode kernel's tile
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:  # padding tile of static metadata
         return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     desc = tiers_ptr + tier * TIER_COLS
     rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(desc, slot, d_in, group_size,
@@ -84,10 +86,12 @@ def _shrink_decode_kernel(
     """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
     one pass over the slot's words per row (the later rows read them from L1/L2)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    seg, n_rows = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M,
-                              DECODE=True)
-    if seg < 0:  # padding tile of static metadata, or the tl.dot kernel's tile
+    seg = tl.load(blk_seg_ptr + pid_m)
+    if seg < 0:
         return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     desc = tiers_ptr + tier * TIER_COLS
     rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(desc, slot, d_in, group_size,
@@ -124,7 +128,7 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    decode, dot = meta.tile_kinds(block_m)
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
                  x.shape[1], group_size, x.stride(0), z.stride(0))

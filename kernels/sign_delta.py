@@ -16,8 +16,8 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_word_dots, padded_to_words
-from .segment_tiles import kernel_tile, segment_tile_rows, split_k_range
+from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
+from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
@@ -56,11 +56,12 @@ def _sign_kernel(
 ):
     """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    seg, _ = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M, DECODE=False)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
-        projs_ptr, seg_slots_ptr, seg, pid_n, proj, d_in, BLOCK_N)
-    if seg < 0:  # past the widest projection's rows, a padding tile of static metadata, or the decode kernel's
+        projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
+    if seg < 0:  # past the widest projection's rows, or a padding tile of static metadata
         return
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+        return  # the decode kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
@@ -85,12 +86,13 @@ def _sign_decode_kernel(
 ):
     """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
-    seg, n_rows = kernel_tile(blk_seg_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, BLOCK_M,
-                              DECODE=True)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
-        projs_ptr, seg_slots_ptr, seg, pid_n, proj, d_in, BLOCK_N)
-    if seg < 0:  # past the widest projection's rows, a padding tile of static metadata, or the tl.dot kernel's
+        projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
+    if seg < 0:
         return
+    n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
+    if n_rows > DECODE_MAX_ROWS:
+        return  # the tl.dot kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
     first = tl.load(blk_start_ptr + pid_m)
     for i in range(0, n_rows):
@@ -105,12 +107,13 @@ def _sign_decode_kernel(
 
 
 @triton.jit
-def _program_signs(projs_ptr, seg_slots_ptr, seg, pid_n, proj, d_in, BLOCK_N: tl.constexpr):
-    """What a program of either kernel works on, given its tile's segment from kernel_tile: (segment, -1 for
-    nothing to do; slot; the slot's sign words int32 pointer; its scale; the projection's first output column;
-    sign rows offs_n [BLOCK_N] and their mask; words per sign row)."""
+def _program_signs(projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N: tl.constexpr):
+    """What a program of either kernel works on: (segment, -1 for nothing to do; slot; the slot's sign words
+    int32 pointer; its scale; the projection's first output column; sign rows offs_n [BLOCK_N] and their mask;
+    words per sign row)."""
     desc = projs_ptr + proj * SIGN_COLS
     d_out = tl.load(desc + S_D_OUT).to(tl.int32)
+    seg = tl.load(blk_seg_ptr + pid_m)
     seg = tl.where(pid_n * BLOCK_N < d_out, seg, -1)  # the grid covers the widest projection
     slot = tl.load(seg_slots_ptr + tl.maximum(seg, 0)).to(tl.int64)
     n_words = tl.cdiv(d_in, 32)
@@ -134,7 +137,7 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds(block_m)
+    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
                  ws.stride(0))

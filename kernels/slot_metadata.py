@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .segment_tiles import DECODE_MAX_ROWS
 from .tables import upload_lists
 from .tuning import block_m_for
 
@@ -117,15 +116,14 @@ class SlotMetadata:
             self._blocks[block_m] = (seg, start)
         return self._blocks[block_m]
 
-    def tile_kinds(self, block_m: int) -> tuple[bool, bool]:
-        """Whether this step's tiles of height block_m include (tiles of at most DECODE_MAX_ROWS rows, taller
-        tiles): which of the decode and tl.dot kernels a call launches (segment_tiles.kernel_tile splits them
-        the same way on the device). Static metadata launches both, since a
+    def tile_kinds(self, block_m: int, decode_max_rows: int) -> tuple[bool, bool]:
+        """Whether this step's tiles of height block_m include (tiles of at most decode_max_rows rows, taller
+        tiles): which of the decode and tl.dot kernels a call launches. Static metadata launches both, since a
         captured graph replays other steps' rows."""
         if self.static:
             return True, True
         heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-        return any(h <= DECODE_MAX_ROWS.value for h in heights), any(h > DECODE_MAX_ROWS.value for h in heights)
+        return any(h <= decode_max_rows for h in heights), any(h > decode_max_rows for h in heights)
 
     def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """What a delta kernel launch iterates over: (tile height, tile segments, tile starts; see blocks), or
