@@ -3,7 +3,7 @@
 Python issues some twenty launches per layer; at small batches that host time, not the GPU, sets the step
 time (H100, batch 1: ~70 ms a step for SmolLM2 and for a 7B alike, bench/results/engine_decode_*). A
 decode step whose tenant rows all take the Triton kernels is padded to the next bucket size P and replayed
-from a graph captured for (P, whether any row has a tenant) under the slot bank's current layout. Per step
+from a graph captured for (P, which delta kernels its rows need) under the slot bank's current layout. Per step
 only inputs move: the embedded tokens (the embedding and its per-tenant delta run eagerly, outside the
 graph), positions, cache slots, block tables, context lengths and slot metadata are copied into the
 graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
@@ -47,7 +47,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.device = bank.device
-        self._graphs: dict[tuple[int, bool], _Graph] = {}
+        self._graphs: dict[tuple[int, tuple | None], _Graph] = {}   # (P, DeltaRows.kernel_kinds or None)
         self._layout: tuple | None = None
         self._pool = None
         self.captures = 0                   # graphs captured so far (a new layout recaptures)
@@ -63,10 +63,12 @@ class DecodeGraphs:
         """fp32 logits [B, vocab] of one decode step (row i: token_ids[i] at position ctx_lens[i] - 1)."""
         n = len(token_ids)
         pad_to = next(b for b in self.buckets if b >= n)
-        tenants = any(s >= 0 for s in row_slots)
         layout = self.bank.layout_key()
         if layout != self._layout:          # a slot buffer moved or a kind appeared: every graph is stale
             self._graphs.clear()
+            # A fresh memory pool too: the old one outlives its graphs while a returned logits view still
+            # holds a block of it, and the allocator refuses a capture into a pool whose graphs are all gone.
+            self._pool = None
             self._layout = layout
         (ids,) = upload_lists([token_ids], self.device)
         embedding = self.model.embed_tokens
@@ -75,10 +77,11 @@ class DecodeGraphs:
         hidden = embedding(ids, embed_rows)
         attn = DecodeAttention.build(ctx_lens, block_tables, self.block_size, pad_to, self.max_blocks,
                                      self.scratch_row, self.device)
-        rows = self.bank.static_rows(row_slots, pad_to) if tenants else None
-        g = self._graphs.get((pad_to, tenants))
+        rows = self.bank.static_rows(row_slots, pad_to) if any(s >= 0 for s in row_slots) else None
+        key = (pad_to, None if rows is None else rows.kernel_kinds())
+        g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[(pad_to, tenants)] = self._capture(pad_to, attn, rows)
+            g = self._graphs[key] = self._capture(pad_to, attn, rows)
         else:
             g.attn.copy_(attn)
             if rows is not None:

@@ -26,6 +26,11 @@ class DeltaRows:
     packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
 
+    def kernel_kinds(self) -> tuple:
+        """Which delta kernels a step of these rows launches (SlotMetadata.tile_kinds of each kernel's rows):
+        part of a captured decode graph's key, as a graph holds only its capturing step's launches."""
+        return tuple(None if m is None else m.tile_kinds() for m in (self.packed, self.sign))
+
     def copy_(self, other: DeltaRows) -> None:
         """Take `other`'s rows into these tensors in place (both from SlotBank.static_rows at one pad_to)."""
         for name in ("row_slots", "gather_slots", "base_mask"):

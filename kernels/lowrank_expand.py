@@ -70,6 +70,18 @@ def _expand_kernel(
 
 
 @triton.jit
+def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_row, r, p, live):
+    """Plane p's words of rank r ([NW] int32), and zs = z * scale / 2 per word when p is 0 (the codes are
+    doubled: 2 * code - (2^nbits - 1)), else 0; nothing is read unless live."""
+    # tl.where, not w_mask & live: Triton 3.6's interpreter rejects a vector mask and-ed with a scalar.
+    w = tl.load(planes + p * plane_stride + r * n_words + words, mask=tl.where(live, w_mask, False), other=0)
+    first = live & (p == 0)
+    zs = tl.load(z_row + r, mask=first, other=0.0) * 0.5 * tl.load(
+        scales + r * n_groups + groups, mask=tl.where(first, w_mask, False), other=0.0).to(tl.float32)
+    return w, zs
+
+
+@triton.jit
 def _expand_decode_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
@@ -93,8 +105,7 @@ def _expand_decode_kernel(
     if n_rows > DECODE_MAX_ROWS:
         return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
-    words = n0 // 32 + tl.arange(0, BLOCK_N // 32)
-    offs_n = words[None, :] * 32 + tl.arange(0, 32)[:, None]  # [32, NW]: bit j of word w is output 32 w + j
+    words = n0 // 32 + tl.arange(0, BLOCK_N // 32)  # acc [32, NW]: bit j of word w is output 32 w + j
     first = tl.load(blk_start_ptr + pid_m)
     for i in range(0, n_rows):
         row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
@@ -108,18 +119,32 @@ def _expand_decode_kernel(
             groups = words * 32 // group_size
             z_row = z_ptr + row * stride_zm + tl.load(desc + T_Z_COL).to(tl.int32)
             odd = ((1 << nbits) - 1).to(tl.float32)
-            for r in range(split, rank, SPLIT_R):
-                # zs = z * scale / 2 per word: the codes are doubled, 2 * code - odd
-                zs = tl.load(z_row + r) * 0.5 * tl.load(scales + r * n_groups + groups, mask=w_mask,
-                                                         other=0.0).to(tl.float32)
-                centre += zs * odd
-                step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
-                for p in range(0, nbits):
-                    w = tl.load(planes + p * plane_stride + r * n_words + words, mask=w_mask, other=0)
-                    acc = add_at_set_bits(acc, w, step)
-                    step = step * 2.0
-        out = ws_ptr + row * stride_wm + tl.load(pdesc + P_OUT_OFFSET) + offs_n
-        tl.atomic_add(out, acc - centre[None, :], mask=offs_n < d_out)
+            # One loop over this program's (rank, plane) words, each loaded an iteration ahead: a thread has a
+            # load in flight while it adds the last one's bits. At small batches the grid is a few warps an SM,
+            # and waiting on each word in turn left the kernel bound by memory latency, not bandwidth (ptxas
+            # sinks a second load of the same iteration below the first one's adds, so only a loop-carried
+            # load stays ahead).
+            n_words_mine = tl.cdiv(tl.maximum(rank - split, 0), SPLIT_R) * nbits
+            w, zs = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_row,
+                                 split, 0, n_words_mine > 0)
+            centre += zs * odd
+            step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
+            r, p = split, 0  # the word in w
+            for it in range(1, n_words_mine + 1):
+                p += 1
+                r = tl.where(p == nbits, r + SPLIT_R, r)  # counters, not it // nbits: a division is ~20 instructions
+                p = tl.where(p == nbits, 0, p)
+                w_next, zs_next = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups,
+                                               groups, z_row, r, p, it < n_words_mine)
+                acc = add_at_set_bits(acc, w, step)
+                centre += zs_next * odd  # zs_next is 0 unless the next word starts a rank
+                step = tl.where(p == 0, 2.0 * zs_next, 2.0 * step)
+                w = w_next
+        # Output n0 + 32 w + j in order: the atomic adds of a warp then hit contiguous addresses (in acc's
+        # layout each lane's 32 outputs were one word apart, a cache line per lane).
+        out_n = n0 + tl.arange(0, BLOCK_N)
+        tl.atomic_add(ws_ptr + row * stride_wm + tl.load(pdesc + P_OUT_OFFSET) + out_n,
+                      tl.reshape(tl.trans(acc - centre[None, :]), (BLOCK_N,)), mask=out_n < d_out)
 
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
@@ -131,7 +156,7 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    decode, dot = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             blk_seg, blk_start, group_size, ws.stride(0), z.stride(0))

@@ -128,7 +128,7 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    decode, dot = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
                  x.shape[1], group_size, x.stride(0), z.stride(0))

@@ -137,7 +137,7 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds(block_m, DECODE_MAX_ROWS.value)
+    decode, dot = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
                  ws.stride(0))

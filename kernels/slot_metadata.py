@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .bitserial import DECODE_MAX_ROWS
 from .tables import upload_lists
 from .tuning import block_m_for
 
@@ -38,6 +39,7 @@ class SlotMetadata:
     static: bool = False  # padded for graph capture: launches never read the host tuples above
     _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _kinds: tuple[bool, bool] | None = field(default=None, repr=False)  # tile_kinds' answer
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, num_slots: int) -> SlotMetadata:
@@ -94,6 +96,9 @@ class SlotMetadata:
         if (self.num_rows, self.num_slots) != (other.num_rows, other.num_slots):
             raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
                              f"self is {self.num_rows} rows of {self.num_slots} slots")
+        if other.tile_kinds() != self.tile_kinds():
+            raise ValueError(f"other's rows need the (decode, tl.dot) kernels {other.tile_kinds()}, self's launch "
+                             f"{self.tile_kinds()}: a graph captured with self would run the wrong kernels")
         self._flat.copy_(other._flat, non_blocking=True)
         self.seg_lens_host, self.seg_slots_host, self.seg_starts_host = (
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host)
@@ -116,19 +121,22 @@ class SlotMetadata:
             self._blocks[block_m] = (seg, start)
         return self._blocks[block_m]
 
-    def tile_kinds(self, block_m: int, decode_max_rows: int) -> tuple[bool, bool]:
-        """Whether this step's tiles of height block_m include (tiles of at most decode_max_rows rows, taller
-        tiles): which of the decode and tl.dot kernels a call launches. Static metadata launches both, since a
-        captured graph replays other steps' rows."""
-        if self.static:
-            return True, True
-        heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-        return any(h <= decode_max_rows for h in heights), any(h > decode_max_rows for h in heights)
+    def tile_kinds(self) -> tuple[bool, bool]:
+        """Whether this step's row tiles (see launch_tiles) include tiles of at most DECODE_MAX_ROWS rows, and
+        taller ones: which of the decode and the tl.dot kernels a call launches. Static metadata takes in only
+        steps of its own kinds (copy_ checks), so a graph captured with it holds every launch its replays need
+        and none they do not (an idle launch of the other kind costs a few microseconds, 400 times a 7B step)."""
+        if self._kinds is None:  # asked by every delta call of a step: worked out once
+            block_m = STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
+            heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
+            self._kinds = (any(h <= DECODE_MAX_ROWS.value for h in heights),
+                           any(h > DECODE_MAX_ROWS.value for h in heights))
+        return self._kinds
 
     def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """What a delta kernel launch iterates over: (tile height, tile segments, tile starts; see blocks), or
-        None when no row has a slot. Static metadata always gives its fixed padded tiles, never None: a captured
-        launch must exist even if the capturing step had no tenant row."""
+        None when no row has a slot. Static metadata always gives its fixed padded tiles, never None (tile_kinds
+        then says whether a kernel launches at all)."""
         if self.static:
             return (STATIC_BLOCK_M, *self._blocks[STATIC_BLOCK_M])
         if not self.seg_lens_host:

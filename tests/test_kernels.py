@@ -93,16 +93,24 @@ def test_lowrank_kernel_matches_reference(case: str, dtype: torch.dtype, gen) ->
         assert not torch.equal(want, y0), f"seed {seed}: the delta did nothing"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# Tiles of both kernel kinds (mixed_with_base), and tl.dot tiles only: the unpacking strategy is the tl.dot
+# kernels' inner loop alone, so the other strategies run where the decode kernels have no tile.
+BIT_WIDTH_CASES = ([(dtype, UNPACK_NAMES[0], "mixed_with_base") for dtype in DTYPES]
+                   + [(torch.float16, u, "dot_tiles_only") for u in UNPACK_NAMES[1:]])
+DOT_TILES_ONLY = [2, -1, 0, 0, 2, 0, 2]  # two slots of three rows: no tile of at most DECODE_MAX_ROWS rows
+
+
+@pytest.mark.parametrize("dtype,strategy,case", BIT_WIDTH_CASES, ids=str)
 @pytest.mark.parametrize("bits", range(1, 9))
-def test_lowrank_kernel_every_bit_width(bits: int, dtype: torch.dtype, gen, unpack) -> None:
+def test_lowrank_kernel_every_bit_width(bits: int, dtype: torch.dtype, strategy: str, case: str, gen) -> None:
     g, seed = gen
-    rows = ROW_CASES["mixed_with_base"]
+    rows = ROW_CASES.get(case, DOT_TILES_ONLY)
     projections = _projections(g, bits=[bits] * S)
     x, y0, meta = _batch(rows, dtype, g)
     want, got = y0.clone(), y0.clone()
     add_lowrank_delta_reference(want, x, meta, projections, G)
-    add_lowrank_delta_triton(got, x, meta, projections, G)
+    with forced_unpack(strategy):
+        add_lowrank_delta_triton(got, x, meta, projections, G)
     _assert_close(got, want, y0, rows, seed)
 
 
@@ -288,6 +296,9 @@ def test_static_copy_rejects_other_padding() -> None:
         held.copy_(SlotMetadata.from_host([0, 1], S, cpu, pad_to=5))
     with pytest.raises(ValueError, match="static metadata on both sides"):
         held.copy_(SlotMetadata.from_host([0, 1, -1, -1], S, cpu))
+    # Rows needing the tl.dot kernel (a 3-row slot) cannot replay a graph captured with decode tiles only.
+    with pytest.raises(ValueError, match=r"kernels \(False, True\), self's launch \(True, False\)"):
+        held.copy_(SlotMetadata.from_host([2, 2, 2], S, cpu, pad_to=4))
     with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
 
@@ -304,7 +315,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     lowrank_plan, signs_plan = lowrank_plan_for(lowrank), sign_plan_for(signs)
     x = torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g)
     y = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
-    meta = SlotMetadata.from_host([0, 0, 1], S, dev, pad_to=P)
+    meta = SlotMetadata.from_host([0, 0, 1, 1, 1], S, dev, pad_to=P)  # both kernel kinds: see tile_kinds
 
     def step() -> None:
         add_lowrank_delta(y, x, meta, lowrank, gs, plan=lowrank_plan)
@@ -318,7 +329,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    rows = [3, -1, 2, 0, 3, 1, 1, -1, 2, 0]
+    rows = [3, -1, 2, 0, 3, 1, 1, -1, 2, 0, 1]
     meta.copy_(SlotMetadata.from_host(rows, S, dev, pad_to=P))
     x.copy_(torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g))
     y0 = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
@@ -406,8 +417,9 @@ def test_every_tuning_candidate_matches_the_reference(gen, kernel):
     from deltaserve.kernels.lowrank_expand import expand_triton
     from deltaserve.kernels.tuning import LaunchConfig, candidates
     g, seed = gen
-    rows = [2, -1, 0, 0, 2]
+    rows = DOT_TILES_ONLY  # the candidates are tl.dot kernels' configs (the decode kernels' are fixed)
     x, y0, meta = _batch(rows, torch.float16, g)
+    assert meta.tile_kinds() == (False, True), "the rows must give the tl.dot kernels tiles"
     want = y0.clone()
     if kernel == "sign":
         signs = _kind_projections("sign", g)
