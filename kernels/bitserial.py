@@ -1,6 +1,6 @@
 """Triton device helpers of the decode (BGMV) kernels: bit-serial products of bit-plane codes, on the CUDA cores.
 
-A decode tile holds one to DECODE_MAX_ROWS rows of one slot, so tl.dot would pad it to 16 rows and, worse, the
+A decode tile holds one or two rows of one slot (tuning.decode_rows), so tl.dot would pad it to 16 rows and, worse, the
 tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
 instructions an element on the H100 (SASS of the tl.dot kernels, bench/results/kernels.md: 2-7% of copy
 bandwidth). Here a thread keeps each 32-bit plane word whole and walks its 32 bits with the bit index known at
@@ -11,11 +11,6 @@ sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per 
 import torch
 import triton
 import triton.language as tl
-
-# Row tiles of at most this many rows go to the decode kernels, taller ones to the tl.dot (SGMV) kernels: a
-# decode program walks every bit once per row, a tl.dot program once per tile of up to 64 rows.
-DECODE_MAX_ROWS = tl.constexpr(2)
-
 
 @triton.jit
 def centred_word_dots(words_ptrs, plane_stride, w_mask, nbits, x_ptrs, x_mask):

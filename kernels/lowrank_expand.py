@@ -14,7 +14,7 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import DECODE_MAX_ROWS, add_at_set_bits
+from .bitserial import add_at_set_bits
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_U_PLANES, T_U_SCALES,
                            T_Z_COL, TIER_COLS, LowRankPlan, tier_factor, z_columns)
 from .segment_tiles import segment_tile_rows, tile_row_count
@@ -29,10 +29,10 @@ def _expand_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
-    UNPACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_R: tl.constexpr, UNPACK: tl.constexpr,
 ):
-    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
+    """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
     split = tl.program_id(0) % SPLIT_R  # this program takes rank blocks split, split + SPLIT_R, ... of each tier
     pdesc = projs_ptr + proj * PROJ_COLS
@@ -43,7 +43,7 @@ def _expand_kernel(
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:  # padding tile of static metadata
         return
-    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_ROWS:
         return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
@@ -86,9 +86,9 @@ def _expand_decode_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
     program holds BLOCK_N outputs of one row in registers and walks ranks split, split + SPLIT_R, ...: for each
     rank and plane, one word per 32 outputs, z times the group scale added where a bit is set."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
@@ -102,7 +102,7 @@ def _expand_decode_kernel(
     if seg < 0:
         return
     n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
-    if n_rows > DECODE_MAX_ROWS:
+    if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     words = n0 // 32 + tl.arange(0, BLOCK_N // 32)  # acc [32, NW]: bit j of word w is output 32 w + j
@@ -156,7 +156,7 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             blk_seg, blk_start, group_size, ws.stride(0), z.stride(0))
@@ -164,11 +164,11 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         config = config or launch_config("expand", (plan.max_d_out,), group_size, work, block_m)
         _, block_n, split_r = config.tiles
         grid = (blk_seg.shape[0] * split_r, triton.cdiv(plan.max_d_out, block_n), plan.projections.shape[0])
-        _expand_kernel[grid](*args, BLOCK_M=block_m, **config.launch_kwargs("expand"))
+        _expand_kernel[grid](*args, BLOCK_M=block_m, DECODE_ROWS=decode_rows, **config.launch_kwargs("expand"))
     if decode:
         d = decode_config("expand", work, group_size)
         grid = (blk_seg.shape[0] * d["SPLIT_R"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), plan.projections.shape[0])
-        _expand_decode_kernel[grid](*args, BLOCK_M=block_m, **d)
+        _expand_decode_kernel[grid](*args, BLOCK_M=block_m, DECODE_ROWS=decode_rows, **d)
     add_workspace(y, ws)
 
 

@@ -17,7 +17,7 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
+from .bitserial import centred_word_dots, padded_to_words
 from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
                            z_columns)
 from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
@@ -39,15 +39,15 @@ def _shrink_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
-    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
+    """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:  # padding tile of static metadata
         return
-    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_ROWS:
         return  # the decode kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     desc = tiers_ptr + tier * TIER_COLS
@@ -81,16 +81,17 @@ def _shrink_decode_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
     one pass over the slot's words per row (the later rows read them from L1/L2)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:
         return
     n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
-    if n_rows > DECODE_MAX_ROWS:
+    if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
     desc = tiers_ptr + tier * TIER_COLS
@@ -128,7 +129,7 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    decode, dot = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
                  x.shape[1], group_size, x.stride(0), z.stride(0))
@@ -137,13 +138,13 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
         block_r, _, split_k = config.tiles
         grid = (blk_seg.shape[0] * split_k, plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, block_r))
         _shrink_kernel[grid](x, z, plan.tiers, *meta_args, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
-                             **config.launch_kwargs("shrink"))
+                             DECODE_ROWS=decode_rows, **config.launch_kwargs("shrink"))
     if decode:
         d = decode_config("shrink", work, group_size)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, d["BLOCK_R"]))
         xw = padded_to_words(x)
         _shrink_decode_kernel[grid](xw, z, plan.tiers, *meta_args[:-2], xw.stride(0), z.stride(0), BLOCK_M=block_m,
-                                    **d)
+                                    DECODE_ROWS=decode_rows, **d)
     return z
 
 

@@ -16,7 +16,7 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import DECODE_MAX_ROWS, centred_word_dots, padded_to_words
+from .bitserial import centred_word_dots, padded_to_words
 from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
@@ -51,16 +51,16 @@ def _sign_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, stride_wm, stride_xm,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
 ):
-    """SGMV: row tiles of more than DECODE_MAX_ROWS rows, on the tensor cores."""
+    """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
         projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
     if seg < 0:  # past the widest projection's rows, or a padding tile of static metadata
         return
-    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_MAX_ROWS:
+    if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_ROWS:
         return  # the decode kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
@@ -82,16 +82,17 @@ def _sign_decode_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, stride_wm, stride_xm,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_MAX_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
         projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
     if seg < 0:
         return
     n_rows = tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M)
-    if n_rows > DECODE_MAX_ROWS:
+    if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
     first = tl.load(blk_start_ptr + pid_m)
@@ -137,7 +138,7 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds()
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
                  ws.stride(0))
@@ -146,12 +147,13 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         block_n, _, split_k = config.tiles
         grid = (blk_seg.shape[0] * split_k, triton.cdiv(plan.max_d_out, block_n), len(projections))
         _sign_kernel[grid](ws, x, plan.table, *meta_args, x.stride(0), DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
-                           **config.launch_kwargs("sign"))
+                           DECODE_ROWS=decode_rows, **config.launch_kwargs("sign"))
     if decode:
         d = decode_config("sign", work, None)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), len(projections))
         xw = padded_to_words(x)
-        _sign_decode_kernel[grid](ws, xw, plan.table, *meta_args, xw.stride(0), BLOCK_M=block_m, **d)
+        _sign_decode_kernel[grid](ws, xw, plan.table, *meta_args, xw.stride(0), BLOCK_M=block_m,
+                                  DECODE_ROWS=decode_rows, **d)
     add_workspace(y, ws)
 
 

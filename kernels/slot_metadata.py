@@ -4,15 +4,23 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from .bitserial import DECODE_MAX_ROWS
 from .tables import upload_lists
-from .tuning import block_m_for
+from .tuning import block_m_for, decode_rows
 
 # Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
 STATIC_BLOCK_M = 16
+
+
+class TileKinds(NamedTuple):
+    """The delta kernels a step launches: tiles of at most decode_rows rows take the decode kernels."""
+
+    decode: bool      # some tile has at most decode_rows rows
+    dot: bool         # some tile is taller: the tl.dot kernels
+    decode_rows: int  # tuning.decode_rows of the step's tile count; the kernels' DECODE_ROWS
 
 
 @dataclass(eq=False)
@@ -39,7 +47,7 @@ class SlotMetadata:
     static: bool = False  # padded for graph capture: launches never read the host tuples above
     _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _kinds: tuple[bool, bool] | None = field(default=None, repr=False)  # tile_kinds' answer
+    _kinds: TileKinds | None = field(default=None, repr=False)  # tile_kinds' answer
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, num_slots: int) -> SlotMetadata:
@@ -97,8 +105,8 @@ class SlotMetadata:
             raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
                              f"self is {self.num_rows} rows of {self.num_slots} slots")
         if other.tile_kinds() != self.tile_kinds():
-            raise ValueError(f"other's rows need the (decode, tl.dot) kernels {other.tile_kinds()}, self's launch "
-                             f"{self.tile_kinds()}: a graph captured with self would run the wrong kernels")
+            raise ValueError(f"other's rows need {other.tile_kinds()}, self's launch {self.tile_kinds()}: a graph "
+                             f"captured with self would run the wrong kernels")
         self._flat.copy_(other._flat, non_blocking=True)
         self.seg_lens_host, self.seg_slots_host, self.seg_starts_host = (
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host)
@@ -121,16 +129,16 @@ class SlotMetadata:
             self._blocks[block_m] = (seg, start)
         return self._blocks[block_m]
 
-    def tile_kinds(self) -> tuple[bool, bool]:
-        """Whether this step's row tiles (see launch_tiles) include tiles of at most DECODE_MAX_ROWS rows, and
-        taller ones: which of the decode and the tl.dot kernels a call launches. Static metadata takes in only
-        steps of its own kinds (copy_ checks), so a graph captured with it holds every launch its replays need
-        and none they do not (an idle launch of the other kind costs a few microseconds, 400 times a 7B step)."""
+    def tile_kinds(self) -> TileKinds:
+        """Which of the decode and the tl.dot kernels this step's row tiles (see launch_tiles) take. Static
+        metadata takes in only steps of its own kinds (copy_ checks), so a graph captured with it holds every
+        launch its replays need and none they do not (an idle launch of the other kind costs a few
+        microseconds, 400 times a 7B step)."""
         if self._kinds is None:  # asked by every delta call of a step: worked out once
             block_m = STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-            self._kinds = (any(h <= DECODE_MAX_ROWS.value for h in heights),
-                           any(h > DECODE_MAX_ROWS.value for h in heights))
+            rows = decode_rows(len(heights))
+            self._kinds = TileKinds(any(h <= rows for h in heights), any(h > rows for h in heights), rows)
         return self._kinds
 
     def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:

@@ -219,6 +219,20 @@ def candidates(kernel: str) -> list[LaunchConfig]:
     return [LaunchConfig((a, b, c), UNPACK_NAMES.index(u), w, s) for a, b, c, u, w, s in rows]
 
 
+# Steps with at least this many row tiles send two-row tiles to the decode kernels (see decode_rows).
+DECODE_TWO_ROWS_FROM_TILES = 32
+
+
+def decode_rows(n_tiles: int) -> int:
+    """Most rows of a tile that goes to the decode kernels, in a step of n_tiles row tiles (taller tiles take the
+    tl.dot kernels). A decode program walks every bit once per row and a tl.dot program once per tile, so two-row
+    tiles cost the decode kernels twice; they win only when many tiles fill the GPU. serve.py on the H100, 7B, the
+    same build with 1 and 2 (bench/results/decode_rows_ab.md): two-row tiles on the decode kernels were 23% faster
+    at 64 tiles (batch 128, 64 tenants), even at 32, and 22% slower at 8 (batch 16, 8 tenants). The interpreter
+    switches at 2 tiles, so the tests' small batches run both kernels on two-row tiles."""
+    return 2 if n_tiles >= (2 if _interpreting() else DECODE_TWO_ROWS_FROM_TILES) else 1
+
+
 def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, int]:
     """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"): chosen from
     their SASS (kernels/bitserial.py), not timed yet. A thread keeps 2 words of a 32-word-wide tile, so the 32

@@ -97,7 +97,7 @@ def test_lowrank_kernel_matches_reference(case: str, dtype: torch.dtype, gen) ->
 # kernels' inner loop alone, so the other strategies run where the decode kernels have no tile.
 BIT_WIDTH_CASES = ([(dtype, UNPACK_NAMES[0], "mixed_with_base") for dtype in DTYPES]
                    + [(torch.float16, u, "dot_tiles_only") for u in UNPACK_NAMES[1:]])
-DOT_TILES_ONLY = [2, -1, 0, 0, 2, 0, 2]  # two slots of three rows: no tile of at most DECODE_MAX_ROWS rows
+DOT_TILES_ONLY = [2, -1, 0, 0, 2, 0, 2]  # two slots of three rows: no tile small enough for the decode kernels
 
 
 @pytest.mark.parametrize("dtype,strategy,case", BIT_WIDTH_CASES, ids=str)
@@ -297,10 +297,26 @@ def test_static_copy_rejects_other_padding() -> None:
     with pytest.raises(ValueError, match="static metadata on both sides"):
         held.copy_(SlotMetadata.from_host([0, 1, -1, -1], S, cpu))
     # Rows needing the tl.dot kernel (a 3-row slot) cannot replay a graph captured with decode tiles only.
-    with pytest.raises(ValueError, match=r"kernels \(False, True\), self's launch \(True, False\)"):
+    with pytest.raises(ValueError, match=r"need TileKinds\(decode=False, dot=True.*self's launch TileKinds\(decode=True, dot=False"):
         held.copy_(SlotMetadata.from_host([2, 2, 2], S, cpu, pad_to=4))
     with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
+
+
+def test_two_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatch) -> None:
+    """As on a GPU: one-row tiles take the decode kernels; two-row tiles take the tl.dot kernels in a step of few
+    tiles and the decode kernels from DECODE_TWO_ROWS_FROM_TILES tiles (tuning.decode_rows says why)."""
+    from deltaserve.kernels import tuning
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+    many = tuning.DECODE_TWO_ROWS_FROM_TILES
+
+    def kinds(rows: list[int]) -> tuple:
+        return tuple(SlotMetadata.from_host(rows, 2 * many, torch.device("cpu")).tile_kinds())
+    assert kinds([s for s in range(many - 1) for _ in range(2)]) == (False, True, 1)
+    assert kinds([s for s in range(many) for _ in range(2)]) == (True, False, 2)
+    assert kinds(list(range(many - 2)) + [many] * 2) == (True, True, 1)  # many - 1 tiles
+    assert kinds([-1, 0, -1]) == (True, False, 1)
+    assert kinds([-1, -1]) == (False, False, 1)
 
 
 @pytest.mark.gpu
@@ -419,7 +435,7 @@ def test_every_tuning_candidate_matches_the_reference(gen, kernel):
     g, seed = gen
     rows = DOT_TILES_ONLY  # the candidates are tl.dot kernels' configs (the decode kernels' are fixed)
     x, y0, meta = _batch(rows, torch.float16, g)
-    assert meta.tile_kinds() == (False, True), "the rows must give the tl.dot kernels tiles"
+    assert meta.tile_kinds()[:2] == (False, True), "the rows must give the tl.dot kernels tiles"
     want = y0.clone()
     if kernel == "sign":
         signs = _kind_projections("sign", g)
