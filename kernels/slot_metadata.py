@@ -137,7 +137,10 @@ class SlotMetadata:
         if self._kinds is None:  # asked by every delta call of a step: worked out once
             block_m = STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-            rows = decode_rows(len(heights))
+            # Without a two-row tile, DECODE_ROWS = 1 whatever the tile count: the decode kernels compiled for
+            # one row per tile (their row loop known to run once) were ~13% faster at batch 64 with 64 tenants
+            # (bench/results/decode_rows_ab.md).
+            rows = decode_rows(len(heights)) if 2 in heights else 1
             self._kinds = TileKinds(any(h <= rows for h in heights), any(h > rows for h in heights), rows)
         return self._kinds
 

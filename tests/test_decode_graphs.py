@@ -35,7 +35,8 @@ def test_static_decode_steps_give_the_eager_tokens(tenants):
     engine = make_engine(tenants, cuda_graphs=True)
     assert _generate(engine, SLOTS) == eager
     # Kernel-path tenants only: every decode step takes the static path. Slot 0's three rows take the tl.dot
-    # kernels once all three decode, slot 1's two the decode kernels: steps of different kernel kinds.
+    # kernels once all three decode, slot 1's two the decode kernels (under the interpreter, which sends two-row
+    # tiles there from two tiles up: tuning.decode_rows): steps of different kernel kinds.
     kernel_slots = (0, 1, -1, 1, 0, 0)
     assert _generate(make_engine(tenants, cuda_graphs=True), kernel_slots) == _generate(
         make_engine(tenants, cuda_graphs=False), kernel_slots)

@@ -316,6 +316,7 @@ def test_two_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatc
     assert kinds([s for s in range(many) for _ in range(2)]) == (True, False, 2)
     assert kinds(list(range(many - 2)) + [many] * 2) == (True, True, 1)  # many - 1 tiles
     assert kinds([-1, 0, -1]) == (True, False, 1)
+    assert kinds(list(range(2 * many))) == (True, False, 1)  # many tiles, none of two rows
     assert kinds([-1, -1]) == (False, False, 1)
 
 
