@@ -4,6 +4,8 @@ key the Llama-2-7B shapes reach, and write the fastest per key as the GPU's conf
 The cases are decode batches x distinct tenants plus prefill-like batches of long segments (row tiles of 32 and
 64 rows); row i belongs to tenant i % tenants. Several cases map to one key (table_key: weight shape, group
 size, row-tile height, bucket of the row-tile count); each key is timed once, on the first case reaching it.
+The table holds the tl.dot kernels' configs: a case whose tiles all take the decode kernels (one or two rows a
+tenant; their configs are fixed, tuning.decode_config) reaches no key.
 Shrink, expand and sign are timed alone (CUDA graph replay, L2 flushed: kernel_bench.ms). A candidate is
 skipped, and the report says why, when its group-axis tile does not divide the group size, when the compiler
 rejects it, or when its output differs from the PyTorch reference: the table never selects a wrong kernel.
@@ -118,9 +120,14 @@ def tuning_cases(batches: Sequence[int], tenants: Sequence[int], prefill_rows: S
     return decode + [Case(r, t) for r in prefill_rows for t in prefill_tenants if t <= r]
 
 
-def case_tiles(case: Case, num_slots: int, device: torch.device | str) -> tuple[int, int]:
-    """(row-tile height, work bucket) of the case's launches, as the launchers derive them."""
-    block_m, blk_seg, _ = SlotMetadata.from_host(case.row_slots(), num_slots, device).launch_tiles()
+def case_tiles(case: Case, num_slots: int, device: torch.device | str) -> tuple[int, int] | None:
+    """(row-tile height, work bucket) of the case's launches, as the launchers derive them; None when no tile
+    takes the tl.dot kernels (one or two rows a tenant: SlotMetadata.tile_kinds), whose configs the table holds:
+    their launch would do nothing, and timing it would tune a key on an empty kernel."""
+    meta = SlotMetadata.from_host(case.row_slots(), num_slots, device)
+    if not meta.tile_kinds().dot:
+        return None
+    block_m, blk_seg, _ = meta.launch_tiles()
     return block_m, work_bucket(blk_seg.shape[0])
 
 
@@ -135,12 +142,14 @@ def group_size_of(kernel: str) -> int | None:
 
 
 def plan_jobs(shapes: dict[str, dict[str, tuple[int, ...]]], cases: Sequence[Case],
-              tiles: dict[Case, tuple[int, int]]) -> list[Job]:
+              tiles: dict[Case, tuple[int, int] | None]) -> list[Job]:
     """Every distinct key the shapes x cases reach, each with the first (shape, case) reaching it, in shape then
-    case order (so jobs of one case come together)."""
+    case order (so jobs of one case come together); cases without tl.dot tiles (tiles None) reach none."""
     jobs, seen = [], set()
     for name, kshapes in shapes.items():
         for case in cases:
+            if tiles[case] is None:
+                continue
             block_m, work = tiles[case]
             for kernel in KERNELS:
                 key = table_key(kernel, kshapes[kernel], group_size_of(kernel), work, block_m)
