@@ -135,7 +135,7 @@ class SlotMetadata:
         launch its replays need and none they do not (an idle launch of the other kind costs a few
         microseconds, 400 times a 7B step)."""
         if self._kinds is None:  # asked by every delta call of a step: worked out once
-            block_m = STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
+            block_m = self.tile_height
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
             # Without a two-row tile, DECODE_ROWS = 1 whatever the tile count: the decode kernels compiled for
             # one row per tile (their row loop known to run once) were ~13% faster at batch 64 with 64 tenants
@@ -152,8 +152,12 @@ class SlotMetadata:
             return (STATIC_BLOCK_M, *self._blocks[STATIC_BLOCK_M])
         if not self.seg_lens_host:
             return None
-        block_m = block_m_for(self.max_seg_len)
-        return (block_m, *self.blocks(block_m))
+        return (self.tile_height, *self.blocks(self.tile_height))
+
+    @property
+    def tile_height(self) -> int:
+        """Rows of a launch's row tiles: STATIC_BLOCK_M for static metadata, else block_m_for this batch."""
+        return STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
 
 
 def static_tile_count(num_rows: int, num_slots: int) -> int:
