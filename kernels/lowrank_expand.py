@@ -24,13 +24,13 @@ from .tuning import LaunchConfig, decode_config, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_R", "DECODE_ROWS", "stride_zm"])
 def _expand_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT_R: tl.constexpr, UNPACK: tl.constexpr,
+    BLOCK_M: tl.constexpr, DECODE_ROWS, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_R, UNPACK: tl.constexpr,
 ):
     """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
@@ -81,12 +81,12 @@ def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups,
     return w, zs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_R", "DECODE_ROWS", "stride_zm"])
 def _expand_decode_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
+    BLOCK_M, DECODE_ROWS, BLOCK_N: tl.constexpr, SPLIT_R,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
     program holds BLOCK_N outputs of one row in registers and walks ranks split, split + SPLIT_R, ...: for each

@@ -34,13 +34,13 @@ def _tier_slot_s(desc, slot, offs_r, r_mask):
     return tl.load(s_ptr + slot.to(tl.int64) * rank_cap + offs_r, mask=r_mask, other=0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS", "stride_zm"])
 def _shrink_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS, BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K, UNPACK: tl.constexpr,
 ):
     """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
@@ -76,13 +76,13 @@ def _shrink_kernel(
                   mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS", "stride_zm"])
 def _shrink_decode_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
-    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    BLOCK_M, DECODE_ROWS, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
     one pass over the slot's words per row (the later rows read them from L1/L2)."""

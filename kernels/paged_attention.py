@@ -28,14 +28,16 @@ MAX_SPLITS = 64           # the combine kernel holds [MAX_SPLITS, D] fp32 of one
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@triton.jit
+# Shape-dependent ints are runtime and unspecialized, so one compile serves every batch size, split count and
+# table width (a compile inside a request stalls every running sequence).
+@triton.jit(do_not_specialize=["stride_bt", "stride_pb", "stride_ph", "NUM_SPLITS"])
 def _split_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, q_ptr, k_ptr, v_ptr, block_tables_ptr, ctx_lens_ptr,
     qk_scale,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_bt, stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ctx = tl.load(ctx_lens_ptr + seq)
@@ -86,11 +88,11 @@ def _split_kernel(
         tl.store(part_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pb", "stride_ph", "NUM_SPLITS"])
 def _combine_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, ctx_lens_ptr,
     stride_ob, stride_oh, stride_pb, stride_ph, stride_ps,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS, SPLITS_PAD: tl.constexpr,
 ):
     seq, head = tl.program_id(0), tl.program_id(1)
     ctx = tl.load(ctx_lens_ptr + seq)

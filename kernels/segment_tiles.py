@@ -16,7 +16,7 @@ def segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_p
 
 
 @triton.jit
-def split_k_range(d_in, split, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+def split_k_range(d_in, split, BLOCK_K: tl.constexpr, SPLIT_K):
     """[k_begin, k_end) of piece `split` of SPLIT_K equal pieces of d_in, each a whole number of BLOCK_K tiles."""
     k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = split * k_chunk
@@ -24,7 +24,7 @@ def split_k_range(d_in, split, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
 
 
 @triton.jit
-def tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M: tl.constexpr):
+def tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M):
     """How many rows row tile pid_m of segment seg holds (1..BLOCK_M): the decode and tl.dot kernels split the
     tiles between them by it."""
     seg_end = tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)

@@ -46,13 +46,13 @@ def sign_plan_for(projections: list[SignProjection]) -> SignPlan:
     return SignPlan(device_table(rows, SIGN_COLS.value, device), max((p.d_out for p in projections), default=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS"])
 def _sign_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, stride_wm, stride_xm,
-    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, DECODE_ROWS, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K, UNPACK: tl.constexpr,
 ):
     """SGMV: row tiles of more than DECODE_ROWS rows, on the tensor cores."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
@@ -77,13 +77,13 @@ def _sign_kernel(
     tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS"])
 def _sign_decode_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, stride_wm, stride_xm,
-    BLOCK_M: tl.constexpr, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    BLOCK_M, DECODE_ROWS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)

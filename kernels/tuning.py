@@ -13,6 +13,10 @@ call's config comes from
 Keys are the weight shapes, the group size, the row-tile height and a power-of-two bucket of the row-tile
 count (work_bucket), never the token count, so a new batch size never changes the kernel that runs.
 Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): cut below.
+Splits, the decode-row policy and the decode kernels' row-tile height are runtime kernel arguments, not
+constexprs, and never specialized on (do_not_specialize): every Triton compile is one the server pays inside a
+request (seconds on a fresh machine), so a new work bucket, split or policy reuses the kernel already compiled;
+only tile shapes, UNPACK and dtypes make a new one.
 """
 from __future__ import annotations
 
