@@ -11,7 +11,8 @@ earlier one, when nothing is new any more: the steady-state time of that shape.
 Each build runs in its own process with an empty TRITON_CACHE_DIR, as on a fresh machine or container.
 --builds compares checkouts side by side in one run: label=ROOT, where ROOT holds a `deltaserve` package.
 
-Usage: python bench/first_use.py --model llama2-7b|tiny [--builds before=/tmp/a,after=/tmp/b] [--out DIR]
+Usage: python bench/first_use.py --model llama2-7b|tiny [--builds before=/tmp/a,after=/tmp/b]
+           [--no-warmup before] [--out DIR]
 """
 from __future__ import annotations
 
@@ -50,8 +51,9 @@ def patterns(num_tenants: int) -> list[Pattern]:
     ]
 
 
-def cubins(cache: Path) -> int:
-    return sum(1 for _ in cache.rglob("*.cubin"))
+def compiled(cache: Path) -> set[Path]:
+    """Kernels in a Triton cache directory (one .cubin each)."""
+    return set(cache.rglob("*.cubin"))
 
 
 def play(engine, pattern: Pattern, max_tokens: int, cache: Path) -> dict:
@@ -62,7 +64,7 @@ def play(engine, pattern: Pattern, max_tokens: int, cache: Path) -> dict:
     prompts = [torch.randint(0, engine.vocab_size, (pattern.prompt_len,), generator=g).tolist()
                for _ in pattern.tenants]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    before = cubins(cache)
+    before = compiled(cache)
     t0 = time.perf_counter()
     ids = [f"{pattern.prompt_seed}-{i}" for i in range(len(prompts))]
     for rid, prompt, slot in zip(ids, prompts, pattern.tenants):
@@ -75,8 +77,9 @@ def play(engine, pattern: Pattern, max_tokens: int, cache: Path) -> dict:
             if out.finished:
                 done.add(out.request_id)
     wall = time.perf_counter() - t0
+    new = sorted(p.stem for p in compiled(cache) - before)
     return {"pattern": pattern.name, "requests": len(ids), "wall_s": wall, "ttft_max_s": max(ttft.values()),
-            "compiles": cubins(cache) - before}
+            "compiles": len(new), "kernels": new}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -88,13 +91,16 @@ def child(args: argparse.Namespace) -> None:
     cache = Path(os.environ["TRITON_CACHE_DIR"])
     t0 = time.perf_counter()
     path, _ = model_path(args)
-    engine = build_engine(path, args.device, args.dtype, max_slots=args.tenants, num_kv_blocks=args.kv_blocks)
+    options = {"kernel_warmup": False} if args.label in args.no_warmup.split(",") else {}
+    engine = build_engine(path, args.device, args.dtype, max_slots=args.tenants, num_kv_blocks=args.kv_blocks,
+                          **options)
     built = time.perf_counter() - t0
+    at_start = sorted(p.stem for p in compiled(cache))
     delta = pinned(random_delta(block_shapes(engine.base_shapes), engine.base_fingerprint, seed=1), engine.runner.device)
     fill_slots(engine, delta, args.tenants)
     rows = [play(engine, p, args.max_tokens, cache) for p in patterns(args.tenants)]
-    result = {"engine_build_s": built, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "rows": rows}
+    result = {"engine_build_s": built, "compiled_at_start": at_start, "rows": rows,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     Path(args.child_out).write_text(json.dumps(result, indent=1))
 
 
@@ -104,7 +110,7 @@ def run_build(args: argparse.Namespace, label: str, root: str | None, out: Path)
         if root:
             env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
         child_out = out / f".first_use_{label}.json"
-        cmd = [sys.executable, __file__, "--child-out", str(child_out), *sys.argv[1:]]
+        cmd = [sys.executable, __file__, "--child-out", str(child_out), "--label", label, *sys.argv[1:]]
         subprocess.run(cmd, env=env, check=True)
         result = json.loads(child_out.read_text())
         child_out.unlink()
@@ -122,7 +128,9 @@ def write_report(args: argparse.Namespace, results: dict[str, dict], out: Path) 
              f"`{body['command']}`", "",
              "Each build in its own process with an empty Triton cache (a fresh machine); patterns run in order, "
              "each on an idle engine. compiles: Triton kernels compiled during the pattern.", "",
-             "Engine build (s): " + ", ".join(f"{l} {r['engine_build_s']:.1f}" for l, r in results.items()), "",
+             "Engine build, start-up kernel warm-up included (s): " + ", ".join(
+                 f"{l} {r['engine_build_s']:.1f} ({len(r['compiled_at_start'])} kernels compiled)"
+                 for l, r in results.items()), "",
              head, "|---|---:|" + "---:|" * (3 * len(labels))]
     for i, row in enumerate(results[labels[0]]["rows"]):
         cells = []
@@ -132,7 +140,11 @@ def write_report(args: argparse.Namespace, results: dict[str, dict], out: Path) 
         lines.append(f"| {row['pattern']} | {row['requests']} | " + " | ".join(cells) + " |")
     totals = ", ".join(f"{l} {sum(r['compiles'] for r in res['rows'])} compiles, "
                        f"{sum(r['wall_s'] for r in res['rows']):.1f} s" for l, res in results.items())
-    lines += ["", f"All patterns: {totals}.", ""]
+    lines += ["", f"All patterns: {totals}.", "", "Kernels compiled inside requests:", ""]
+    for l, res in results.items():
+        names = [f"{r['pattern']}: {', '.join(r['kernels'])}" for r in res["rows"] if r["kernels"]]
+        lines += [f"- {l}: " + ("none" if not names else "; ".join(names))]
+    lines.append("")
     (out / "first_use.md").write_text("\n".join(lines))
     import matplotlib
     matplotlib.use("Agg")
@@ -162,7 +174,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltaserve-bench"))
     ap.add_argument("--builds", default="", help="label=ROOT,... (default: this checkout, labelled 'this build')")
     ap.add_argument("--out", type=Path, default=BENCH / "results")
+    ap.add_argument("--no-warmup", default="", help="labels of builds run with EngineConfig(kernel_warmup=False)")
     ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--label", default="this build", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child_out:
         child(args)

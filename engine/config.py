@@ -26,6 +26,8 @@ class EngineConfig:
     delta_kernels: bool = True          # False: the PyTorch delta path on CUDA too (the benchmarks' baseline)
     cuda_graphs: bool | None = None     # decode steps replayed from CUDA graphs; None: on CUDA. True off CUDA
     #                                     runs the same padded static-shaped step without capturing (tests)
+    kernel_warmup: bool | None = None   # compile the Triton kernels before taking requests (engine/kernel_warmup.py);
+    #                                     None: on CUDA with delta_kernels. True off CUDA needs TRITON_INTERPRET=1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

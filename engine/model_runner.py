@@ -9,6 +9,7 @@ from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.engine.attention import AttentionMetadata
 from deltaserve.engine.config import EngineConfig
 from deltaserve.engine.decode_graphs import DecodeGraphs
+from deltaserve.engine.kernel_warmup import warm_up_kernels
 from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.engine.sequence import Sequence
@@ -47,6 +48,9 @@ class ModelRunner:
         graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.bank, config.block_size, config.max_model_len,
                                    config.max_num_seqs, self.num_blocks * config.block_size) if graphs else None
+        warm = config.kernel_warmup if config.kernel_warmup is not None else (
+            self.device.type == "cuda" and config.delta_kernels)
+        self.warmup_launches = warm_up_kernels(self.model, self.kv_caches[0], config.block_size) if warm else 0
 
     def stage(self, delta: DeltaFile) -> DeltaFile:
         """`delta` with its tensors on the device. On CUDA the host-to-device copies run on their own stream,

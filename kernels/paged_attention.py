@@ -248,7 +248,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _combine_kernel[(b, h)](
             out, part_out, part_lse, ctx_lens,
             out.stride(0), out.stride(1), *pstride,
-            HEAD_DIM=d, BLOCK_N=block_n, NUM_SPLITS=splits, SPLITS_PAD=triton.next_power_of_2(splits),
+            HEAD_DIM=d, BLOCK_N=block_n, NUM_SPLITS=splits, SPLITS_PAD=MAX_SPLITS,  # one compile for every split count
             num_warps=4,
         )
     return out

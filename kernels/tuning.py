@@ -61,6 +61,11 @@ class LaunchConfig:
         return {**dict(zip(TILE_NAMES[kernel], self.tiles)), "UNPACK": self.unpack, "num_warps": self.num_warps,
                 "num_stages": self.num_stages}
 
+    def compile_key(self) -> tuple:
+        """The fields that are constexprs or compile options: configs equal here share one compiled kernel (the
+        split, tiles[2], is a runtime argument)."""
+        return (*self.tiles[:2], self.unpack, self.num_warps, self.num_stages)
+
     def to_json(self, kernel: str) -> dict:
         """launch_kwargs with the strategy by name, as config tables hold it."""
         return {**self.launch_kwargs(kernel), "UNPACK": UNPACK_NAMES[self.unpack]}
@@ -131,6 +136,33 @@ def launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, w
 def _launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, work: int, block_m: int,
                    forced: str | None) -> LaunchConfig:
     config = config_table().get(table_key(kernel, shape, group_size, work, block_m)) or default_config(kernel, work)
+    return _adjusted(kernel, config, group_size, block_m, forced)
+
+
+WORK_BUCKETS = tuple(2 ** i for i in range(7))  # every value of work_bucket
+
+
+def warmup_configs(kernel: str, group_size: int | None, block_m: int) -> list[LaunchConfig]:
+    """One config per distinct compile that launch_config can give `kernel` at row tiles of block_m, for any
+    shape and work (the table's entries for this group size and tile height, and the defaults): what the
+    engine compiles before taking requests (engine/kernel_warmup.py). Splits are runtime arguments, so configs
+    that differ only there are one compile."""
+    forced = _forced[0]
+    found = [default_config(kernel, w) for w in WORK_BUCKETS]
+    for key, config in config_table().items():
+        name, _, g, _, m = key.split(" ")
+        if name == kernel and g == f"g={group_size or 0}" and m == f"m={block_m}":
+            found.append(config)
+    distinct: dict[tuple, LaunchConfig] = {}
+    for config in found:
+        c = _adjusted(kernel, config, group_size, block_m, forced)
+        distinct.setdefault(c.compile_key(), c)
+    return list(distinct.values())
+
+
+def _adjusted(kernel: str, config: LaunchConfig, group_size: int | None, block_m: int,
+              forced: str | None) -> LaunchConfig:
+    """config as a launch at this group size and tile height can run it."""
     tiles, unpack = list(config.tiles), config.unpack
     if spans_groups(kernel, config.tiles, group_size):
         # A group size the tile does not divide (32, or 96): the largest power of two dividing it (>= 32).

@@ -6,6 +6,7 @@ import pytest
 
 from engine_fixtures import (CASES, INIT, METHODS, PROMPTS, Tenants, greedy, make_engine, make_tenants, merged_greedy,
                              run_to_end)
+from deltaserve.engine import EngineConfig, LLMEngine
 from tiny_models import make_tiny_model
 
 SLOTS = [-1, 0, 1, 2]
@@ -56,3 +57,18 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path):
     engine = make_engine(tenants, max_slots=1)
     engine.add_request("r", list(PROMPTS[1]), greedy(), -1)
     assert run_to_end(engine)["r"] == merged_greedy(tenants, -1, list(PROMPTS[1]))
+
+
+def test_kernel_warmup_changes_nothing_the_engine_serves(tmp_path):
+    """The start-up kernel warm-up (engine/kernel_warmup.py; by default on CUDA, here in Triton's interpreter)
+    launches every delta kernel on synthetic deltas: no KV entry, slot buffer or output of the engine changes."""
+    base = make_tiny_model(tmp_path / "base", **INIT)
+    settings = dict(model=str(base), num_kv_blocks=16, block_size=4)
+    cold = LLMEngine(EngineConfig(**settings))
+    warm = LLMEngine(EngineConfig(**settings, kernel_warmup=True))
+    assert cold.runner.warmup_launches == 0 and warm.runner.warmup_launches > 0
+    assert not any(k.any() or v.any() for k, v in warm.runner.kv_caches)
+    assert warm.runner.bank.layout_key() == cold.runner.bank.layout_key()
+    for engine in (cold, warm):
+        engine.add_request("r", list(PROMPTS[1]), greedy(8), -1)
+    assert run_to_end(warm) == run_to_end(cold)

@@ -436,6 +436,38 @@ def test_launch_config_reads_the_tuned_table(monkeypatch, tmp_path):
     tuning._launch_config.cache_clear()
 
 
+def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
+    """What the engine compiles at start-up (engine/kernel_warmup.py) covers each compile launch_config can ask
+    for, at any shape and work bucket, from a table with several configs at one tile height or from the defaults;
+    configs that differ only in their (runtime) split are one compile."""
+    from deltaserve.kernels import tuning
+    from deltaserve.kernels.tuning import (WORK_BUCKETS, LaunchConfig, launch_config, table_key, warmup_configs,
+                                           write_config_table)
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "_forced", [None])
+    pairs = UNPACK_NAMES.index("pairs")
+    table = {table_key("shrink", (4096, 907), 128, 4, 16): LaunchConfig((16, 64, 8), pairs, 8, 4),
+             table_key("shrink", (11008, 1348), 128, 16, 16): LaunchConfig((32, 128, 2), pairs),
+             table_key("expand", (4096,), 128, 2, 64): LaunchConfig((32, 128, 4), pairs),   # pairs: cut to planes
+             table_key("sign", (4096, 4096), None, 8, 32): LaunchConfig((64, 256, 4), num_warps=8)}
+    path = tmp_path / "gpu.json"
+    write_config_table(path, table, {"device": "test"})
+    monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(path))
+    tuning._launch_config.cache_clear()
+    shapes = {"shrink": [(4096, 907), (11008, 1348), (4096, 64)], "expand": [(4096,), (11008,)],
+              "sign": [(4096, 4096), (11008, 4096)]}
+    for kernel, kernel_shapes in shapes.items():
+        gs = None if kernel == "sign" else 128
+        for m in (16, 32, 64):
+            warm = {c.compile_key() for c in warmup_configs(kernel, gs, m)}
+            needed = {launch_config(kernel, shape, gs, w, m).compile_key() for shape in kernel_shapes
+                      for w in WORK_BUCKETS}
+            assert needed <= warm, (kernel, m, needed - warm)
+            assert len(warm) == len(warmup_configs(kernel, gs, m))  # no compile twice
+    assert len(warmup_configs("shrink", 128, 16)) == 3  # the default and the two tuned ones
+    tuning._launch_config.cache_clear()
+
+
 @pytest.mark.parametrize("kernel", ["shrink", "expand", "sign"])
 def test_every_tuning_candidate_matches_the_reference(gen, kernel):
     """bench/tune_kernels.py may put any candidate in a GPU's table: each must compute the reference's numbers

@@ -1,0 +1,103 @@
+"""Compile the Triton kernels a request can need before the engine takes requests.
+
+A kernel compiles the first time a launch needs a new variant (tile shapes, unpacking, dtypes, the
+divisibility of int arguments): about a second each on the H100, inside the step that needed it, so every
+running sequence stalls with it (bench/results/first_use.md: 2.4 s TTFT for a repeated request whose short
+prefill took a new row-tile height). Like vLLM's start-up dummy runs with dummy LoRAs, the engine launches
+each delta kernel once per row-tile height and per config the launch table can pick, on small random deltas of
+the model's own widths and dtype, and the paged-attention kernels once. Nothing of the engine's state is
+touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels on disk,
+so a restart on the same machine loads them in milliseconds.
+"""
+from __future__ import annotations
+
+import torch
+
+from deltaserve.engine.layers import DeltaLinear
+from deltaserve.engine.model import LlamaModel
+from deltaserve.kernels import LowRankProjection, SlotMetadata, lowrank_plan_for, sign_plan_for
+from deltaserve.kernels.lowrank_expand import expand_triton
+from deltaserve.kernels.lowrank_shrink import shrink_triton
+from deltaserve.kernels.paged_attention import paged_decode_attention
+from deltaserve.kernels.random_slots import random_signs, random_tier
+from deltaserve.kernels.sign_delta import add_sign_delta_triton
+from deltaserve.kernels.tuning import block_m_for, warmup_configs
+
+# Rows of one tenant per warm-up call: one row takes the decode kernels, the others one tl.dot row-tile height
+# each (block_m_for gives 16, 32, 64).
+ROW_COUNTS = (1, 16, 32, 64)
+GROUP_SIZE = 128        # the compressor's default; a delta of another group size compiles on first use
+
+
+def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int) -> int:
+    """Launch every delta kernel variant for each distinct linear shape of the model, and paged attention;
+    returns the number of launches."""
+    shapes = {}
+    for module in [*model.layers[0].modules(), model.lm_head]:
+        if isinstance(module, DeltaLinear):
+            d_in = module.weight.shape[1]
+            shapes.setdefault((d_in, tuple(w.shape[0] for w, _ in module.parts)), module.weight.dtype)
+    g = torch.Generator(device=kv_cache[0].device).manual_seed(0)
+    launches = sum(_lowrank(d_in, d_outs, dtype, g) + _sign(d_in, d_outs, dtype, g)
+                   for (d_in, d_outs), dtype in shapes.items())
+    return launches + _attention(model, kv_cache, block_size, g)
+
+
+def _rows(n: int, device: torch.device) -> SlotMetadata:
+    return SlotMetadata.from_host([0] * n, 1, device)
+
+
+def _inputs(n: int, d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, d_in, generator=g, device=g.device).to(dtype)
+    return x, torch.zeros(n, d_total, dtype=dtype, device=g.device)
+
+
+def _parts(d_outs: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(output offset, d_out) of each stacked part."""
+    return [(sum(d_outs[:i]), d) for i, d in enumerate(d_outs)]
+
+
+def _lowrank(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
+    projections = [LowRankProjection(off, d, [random_tier([2], [2], 2, 2, d_in, d, GROUP_SIZE, g)])
+                   for off, d in _parts(d_outs)]
+    plan = lowrank_plan_for(projections)
+    launches = 0
+    for n in ROW_COUNTS:
+        x, y = _inputs(n, d_in, sum(d_outs), dtype, g)
+        meta = _rows(n, g.device)
+        m = block_m_for(n)
+        # With one row the configs are unused (decode kernels); with more, each distinct one compiles.
+        shrink = [None] if n == 1 else warmup_configs("shrink", GROUP_SIZE, m)
+        expand = [None] if n == 1 else warmup_configs("expand", GROUP_SIZE, m)
+        for config in shrink:
+            z = shrink_triton(x, meta, plan, GROUP_SIZE, config)
+        for config in expand:
+            expand_triton(y, z, meta, plan, GROUP_SIZE, config)
+        launches += len(shrink) + len(expand)
+    return launches
+
+
+def _sign(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
+    projections = [random_signs(1, d_in, d, off, g) for off, d in _parts(d_outs)]
+    plan = sign_plan_for(projections)
+    launches = 0
+    for n in ROW_COUNTS:
+        x, y = _inputs(n, d_in, sum(d_outs), dtype, g)
+        meta = _rows(n, g.device)
+        for config in [None] if n == 1 else warmup_configs("sign", None, block_m_for(n)):
+            add_sign_delta_triton(y, x, meta, projections, plan, config)
+            launches += 1
+    return launches
+
+
+def _attention(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
+               g: torch.Generator) -> int:
+    """The split and combine kernels (two splits), reading nothing of the cache: context 0."""
+    layer = model.layers[0]
+    heads = layer.num_heads + layer.num_kv_heads
+    qk = torch.randn(1, heads, layer.head_dim, generator=g, device=g.device).to(kv_cache[0].dtype)
+    tables = torch.zeros(1, 2, dtype=torch.int32, device=g.device)
+    ctx = torch.zeros(1, dtype=torch.int32, device=g.device)
+    paged_decode_attention(qk[:, : layer.num_heads], *kv_cache, tables, ctx, block_size, 1.0, num_splits=2)
+    return 2
