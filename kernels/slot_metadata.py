@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tables import upload_lists
+from .tables import upload_lists, upload_packed
 from .tuning import block_m_for, decode_rows
 
 # Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
@@ -88,8 +88,7 @@ class SlotMetadata:
             assert len(tile_seg) <= n_tiles, "static_tile_count is an upper bound"
             parts = [_pad(p, n, fill) for p, n, fill in zip(
                 parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
-        (flat,) = upload_lists([[v for p in parts for v in p]], torch.device(device), torch.int32)
-        t = flat.split([len(p) for p in parts])
+        flat, t = upload_packed(parts, torch.device(device), torch.int32)
         meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts),
                    static=pad_to is not None, _flat=flat)
         meta._blocks[block_m] = (t[5], t[6])

@@ -21,17 +21,29 @@ def device_table(rows: list[tuple[int, ...]], width: int, device: torch.device) 
     return table
 
 
-def upload_lists(parts: list[list[float]], device: torch.device,
-                 dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
-    """Several host lists of numbers on `device` as `dtype` in one copy, as views of one tensor (one per part).
+def upload_packed(parts: list[list[float]], device: torch.device,
+                  dtype: torch.dtype = torch.int64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Several host lists of numbers on `device` as `dtype` in one copy: the one tensor, and a view of it per part.
 
     On CUDA the staging tensor is pinned and the copy non_blocking, so the host queues it behind the running
     work and goes on; a plain `torch.tensor(list, device="cuda")` waits for the device to drain first.
+    Every view starts 16-byte aligned: Triton specializes a kernel on whether each pointer argument is, so
+    views at offsets that follow the batch's list lengths compiled new kernel variants inside requests
+    (bench/results/first_use.md).
     """
-    flat = [v for part in parts for v in part]
+    align = max(1, 16 // dtype.itemsize)
+    sizes = [-(-len(p) // align) * align for p in parts]
+    flat = [v for part, size in zip(parts, sizes) for v in [*part, *[0] * (size - len(part))]]
     cuda = device.type == "cuda"
     host = torch.tensor(flat, dtype=dtype, pin_memory=cuda)
-    return list((host.to(device, non_blocking=True) if cuda else host).split([len(p) for p in parts]))
+    packed = host.to(device, non_blocking=True) if cuda else host
+    return packed, [view[:len(part)] for view, part in zip(packed.split(sizes), parts)]
+
+
+def upload_lists(parts: list[list[float]], device: torch.device,
+                 dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
+    """upload_packed's views."""
+    return upload_packed(parts, device, dtype)[1]
 
 
 def live_tables() -> list[torch.Tensor]:
