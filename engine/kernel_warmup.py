@@ -1,13 +1,14 @@
 """Compile the Triton kernels a request can need before the engine takes requests.
 
-A kernel compiles the first time a launch needs a new variant (tile shapes, unpacking, dtypes, the
-divisibility of int arguments): about a second each on the H100, inside the step that needed it, so every
-running sequence stalls with it (bench/results/first_use.md: 2.4 s TTFT for a repeated request whose short
-prefill took a new row-tile height). Like vLLM's start-up dummy runs with dummy LoRAs, the engine launches
-each delta kernel once per row-tile height and per config the launch table can pick, on small random deltas of
-the model's own widths and dtype, and the paged-attention kernels once. Nothing of the engine's state is
-touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels on disk,
-so a restart on the same machine loads them in milliseconds.
+A kernel compiles the first time a launch needs a new variant (tile shapes, unpacking, constexprs, dtypes, the
+divisibility and alignment of its arguments): about a second each on the H100, inside the step that needed it,
+so every running sequence stalls with it (bench/results/first_use.md: 2.4 s TTFT for a repeated request whose
+short prefill took a new row-tile height). Like vLLM's start-up dummy runs with dummy LoRAs, the engine
+launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
+once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
+variant, and the paged-attention kernels once. Nothing of the engine's state is touched: the synthetic deltas,
+inputs and outputs are thrown away. Triton keeps the compiled kernels on disk, so a restart on the same machine
+loads them in milliseconds.
 """
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.paged_attention import paged_decode_attention
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
-from deltaserve.kernels.tuning import block_m_for, warmup_configs
+from deltaserve.kernels.tuning import WORK_BUCKETS, block_m_for, decode_variants, warmup_configs
 
-# Rows of one tenant per warm-up call: one row takes the decode kernels, the others one tl.dot row-tile height
-# each (block_m_for gives 16, 32, 64).
-ROW_COUNTS = (1, 16, 32, 64)
-GROUP_SIZE = 128        # the compressor's default; a delta of another group size compiles on first use
+DOT_ROWS = (16, 32, 64)  # rows of one tenant: one tl.dot row tile of each height block_m_for gives
+SLOTS = max(WORK_BUCKETS)  # one row on each of n slots makes n decode tiles
+GROUP_SIZE = 128          # the compressor's default; a delta of another group size compiles on first use
+SIGN_ROWS = 64            # sign matrix rows per part: the row count is a runtime argument, so a few will do
 
 
 def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int) -> int:
@@ -43,33 +44,34 @@ def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tenso
     return launches + _attention(model, kv_cache, block_size, g)
 
 
-def _rows(n: int, device: torch.device) -> SlotMetadata:
-    return SlotMetadata.from_host([0] * n, 1, device)
-
-
-def _inputs(n: int, d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(n, d_in, generator=g, device=g.device).to(dtype)
-    return x, torch.zeros(n, d_total, dtype=dtype, device=g.device)
-
-
 def _parts(d_outs: tuple[int, ...]) -> list[tuple[int, int]]:
     """(output offset, d_out) of each stacked part."""
     return [(sum(d_outs[:i]), d) for i, d in enumerate(d_outs)]
 
 
+def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator
+           ) -> list[tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]]:
+    """(tl.dot tile height or 0 for decode tiles, x, y, rows) of every warm-up call: one tenant's DOT_ROWS rows,
+    and one row on each of n slots for every n of decode_variants."""
+    row_slots = [(block_m_for(n), [0] * n) for n in DOT_ROWS] + [(0, list(range(n)))
+                                                                   for n in decode_variants(GROUP_SIZE)]
+    calls = []
+    for block_m, slots in row_slots:
+        x = torch.randn(len(slots), d_in, generator=g, device=g.device).to(dtype)
+        y = torch.zeros(len(slots), d_total, dtype=dtype, device=g.device)
+        calls.append((block_m, x, y, SlotMetadata.from_host(slots, SLOTS, g.device)))
+    return calls
+
+
 def _lowrank(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
-    projections = [LowRankProjection(off, d, [random_tier([2], [2], 2, 2, d_in, d, GROUP_SIZE, g)])
+    projections = [LowRankProjection(off, d, [random_tier([2] * SLOTS, [2] * SLOTS, 2, 2, d_in, d, GROUP_SIZE, g)])
                    for off, d in _parts(d_outs)]
     plan = lowrank_plan_for(projections)
     launches = 0
-    for n in ROW_COUNTS:
-        x, y = _inputs(n, d_in, sum(d_outs), dtype, g)
-        meta = _rows(n, g.device)
-        m = block_m_for(n)
-        # With one row the configs are unused (decode kernels); with more, each distinct one compiles.
-        shrink = [None] if n == 1 else warmup_configs("shrink", GROUP_SIZE, m)
-        expand = [None] if n == 1 else warmup_configs("expand", GROUP_SIZE, m)
+    for block_m, x, y, meta in _calls(d_in, sum(d_outs), dtype, g):
+        # Decode tiles take no config; tl.dot tiles compile once per distinct config.
+        shrink = warmup_configs("shrink", GROUP_SIZE, block_m) if block_m else [None]
+        expand = warmup_configs("expand", GROUP_SIZE, block_m) if block_m else [None]
         for config in shrink:
             z = shrink_triton(x, meta, plan, GROUP_SIZE, config)
         for config in expand:
@@ -79,13 +81,11 @@ def _lowrank(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Ge
 
 
 def _sign(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
-    projections = [random_signs(1, d_in, d, off, g) for off, d in _parts(d_outs)]
+    projections = [random_signs(SLOTS, d_in, min(d, SIGN_ROWS), off, g) for off, d in _parts(d_outs)]
     plan = sign_plan_for(projections)
     launches = 0
-    for n in ROW_COUNTS:
-        x, y = _inputs(n, d_in, sum(d_outs), dtype, g)
-        meta = _rows(n, g.device)
-        for config in [None] if n == 1 else warmup_configs("sign", None, block_m_for(n)):
+    for block_m, x, y, meta in _calls(d_in, sum(d_outs), dtype, g):
+        for config in warmup_configs("sign", None, block_m) if block_m else [None]:
             add_sign_delta_triton(y, x, meta, projections, plan, config)
             launches += 1
     return launches

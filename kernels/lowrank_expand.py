@@ -81,12 +81,12 @@ def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups,
     return w, zs
 
 
-@triton.jit(do_not_specialize=["SPLIT_R", "DECODE_ROWS", "stride_zm"])
+@triton.jit(do_not_specialize=["stride_zm"])
 def _expand_decode_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M, DECODE_ROWS, BLOCK_N: tl.constexpr, SPLIT_R,
+    BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
     program holds BLOCK_N outputs of one row in registers and walks ranks split, split + SPLIT_R, ...: for each

@@ -76,13 +76,13 @@ def _shrink_kernel(
                   mask=m_mask[:, None] & r_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS", "stride_zm"])
+@triton.jit(do_not_specialize=["stride_zm"])
 def _shrink_decode_kernel(
     x_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
-    BLOCK_M, DECODE_ROWS, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K,
+    BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
     one pass over the slot's words per row (the later rows read them from L1/L2)."""

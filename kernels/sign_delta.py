@@ -77,13 +77,13 @@ def _sign_kernel(
     tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit(do_not_specialize=["SPLIT_K", "DECODE_ROWS"])
+@triton.jit
 def _sign_decode_kernel(
     ws_ptr, x_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, stride_wm, stride_xm,
-    BLOCK_M, DECODE_ROWS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K,
+    BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)

@@ -13,10 +13,12 @@ call's config comes from
 Keys are the weight shapes, the group size, the row-tile height and a power-of-two bucket of the row-tile
 count (work_bucket), never the token count, so a new batch size never changes the kernel that runs.
 Tiles along a quantized axis must fit inside one scale group (group_size is a multiple of 32): cut below.
-Splits, the decode-row policy and the decode kernels' row-tile height are runtime kernel arguments, not
-constexprs, and never specialized on (do_not_specialize): every Triton compile is one the server pays inside a
-request (seconds on a fresh machine), so a new work bucket, split or policy reuses the kernel already compiled;
-only tile shapes, UNPACK and dtypes make a new one.
+Every Triton compile is one the server would pay inside a request (about a second each on the H100), so the
+tl.dot kernels take their split and the decode-row policy as runtime arguments, never specialized on
+(do_not_specialize): one compile per tile shape, UNPACK and dtype serves every work bucket. The decode kernels
+keep DECODE_ROWS and their split as constexprs: runtime ones made the expand decode kernel 1.5x slower with one
+row per tenant (a bounded row loop; kernel_bench on the H100, qkv batch 64 x 64 tenants 307 -> 466 us) and the
+shrink 3-5% slower. Their few variants (decode_variants) are compiled at start-up (engine/kernel_warmup.py).
 """
 from __future__ import annotations
 
@@ -267,6 +269,16 @@ def decode_rows(n_tiles: int) -> int:
     at 64 tiles (batch 128, 64 tenants), even at 32, and 22% slower at 8 (batch 16, 8 tenants). The interpreter
     switches at 2 tiles, so the tests' small batches run both kernels on two-row tiles."""
     return 2 if n_tiles >= (2 if _interpreting() else DECODE_TWO_ROWS_FROM_TILES) else 1
+
+
+def decode_variants(group_size: int) -> list[int]:
+    """Row-tile counts, one per distinct (decode_rows, decode_config) pair a decode launch can take at this group
+    size: each is a compile of the decode kernels (their rows and split are constexprs)."""
+    seen: dict[tuple, int] = {}
+    for n_tiles in WORK_BUCKETS:
+        key = (decode_rows(n_tiles), *(tuple(decode_config(k, n_tiles, group_size).items()) for k in TILE_NAMES))
+        seen.setdefault(key, n_tiles)
+    return list(seen.values())
 
 
 def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, int]:

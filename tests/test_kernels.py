@@ -485,6 +485,22 @@ def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
     tuning._launch_config.cache_clear()
 
 
+def test_decode_variants_cover_every_decode_launch(monkeypatch):
+    """The decode kernels compile per (rows, split) pair: the start-up warm-up's tile counts reach every pair a
+    launch of any tile count can take, with the GPU's configs."""
+    from deltaserve.kernels import tuning
+    from deltaserve.kernels.tuning import decode_config, decode_rows, decode_variants, work_bucket
+    monkeypatch.setattr(tuning, "_interpreting", lambda: False)
+
+    def variant(n_tiles: int, gs: int) -> tuple:
+        return (decode_rows(n_tiles), *(tuple(decode_config(k, work_bucket(n_tiles), gs).items())
+                                        for k in ("shrink", "expand", "sign")))
+    for gs in (32, 128):
+        warm = {variant(n, gs) for n in decode_variants(gs)}
+        assert {variant(n, gs) for n in range(1, 300)} == warm
+        assert len(warm) == len(decode_variants(gs)) > 2
+
+
 @pytest.mark.parametrize("kernel", ["shrink", "expand", "sign"])
 def test_every_tuning_candidate_matches_the_reference(gen, kernel):
     """bench/tune_kernels.py may put any candidate in a GPU's table: each must compute the reference's numbers
