@@ -93,11 +93,13 @@ def _sign(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Gener
 
 def _attention(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
                g: torch.Generator) -> int:
-    """The split and combine kernels (two splits), reading nothing of the cache: context 0."""
+    """The split kernel alone (one split: its partial-output pointers are then the output's dtype, another
+    variant) and with the combine kernel (two splits), reading nothing of the cache: context 0."""
     layer = model.layers[0]
     heads = layer.num_heads + layer.num_kv_heads
     qk = torch.randn(1, heads, layer.head_dim, generator=g, device=g.device).to(kv_cache[0].dtype)
     tables = torch.zeros(1, 2, dtype=torch.int32, device=g.device)
     ctx = torch.zeros(1, dtype=torch.int32, device=g.device)
-    paged_decode_attention(qk[:, : layer.num_heads], *kv_cache, tables, ctx, block_size, 1.0, num_splits=2)
-    return 2
+    for splits in (1, 2):
+        paged_decode_attention(qk[:, : layer.num_heads], *kv_cache, tables, ctx, block_size, 1.0, num_splits=splits)
+    return 3
