@@ -39,8 +39,10 @@ def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tenso
             d_in = module.weight.shape[1]
             shapes.setdefault((d_in, tuple(w.shape[0] for w, _ in module.parts)), module.weight.dtype)
     g = torch.Generator(device=kv_cache[0].device).manual_seed(0)
-    launches = sum(_lowrank(d_in, d_outs, dtype, g) + _sign(d_in, d_outs, dtype, g)
-                   for (d_in, d_outs), dtype in shapes.items())
+    launches = 0
+    for (d_in, d_outs), dtype in shapes.items():
+        calls = _calls(d_in, sum(d_outs), dtype, g)
+        launches += _lowrank(d_in, d_outs, calls, g) + _sign(d_in, d_outs, calls, g)
     return launches + _attention(model, kv_cache, block_size, g)
 
 
@@ -49,8 +51,10 @@ def _parts(d_outs: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(sum(d_outs[:i]), d) for i, d in enumerate(d_outs)]
 
 
-def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator
-           ) -> list[tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]]:
+Call = tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]   # see _calls; y is scratch, shared by the kernels
+
+
+def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator) -> list[Call]:
     """(tl.dot tile height or 0 for decode tiles, x, y, rows) of every warm-up call: one tenant's DOT_ROWS rows,
     and one row on each of n slots for every n of decode_variants."""
     row_slots = [(block_m_for(n), [0] * n) for n in DOT_ROWS] + [(0, list(range(n)))
@@ -63,12 +67,12 @@ def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator
     return calls
 
 
-def _lowrank(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
+def _lowrank(d_in: int, d_outs: tuple[int, ...], calls: list[Call], g: torch.Generator) -> int:
     projections = [LowRankProjection(off, d, [random_tier([2] * SLOTS, [2] * SLOTS, 2, 2, d_in, d, GROUP_SIZE, g)])
                    for off, d in _parts(d_outs)]
     plan = lowrank_plan_for(projections)
     launches = 0
-    for block_m, x, y, meta in _calls(d_in, sum(d_outs), dtype, g):
+    for block_m, x, y, meta in calls:
         # Decode tiles take no config; tl.dot tiles compile once per distinct config.
         shrink = warmup_configs("shrink", GROUP_SIZE, block_m) if block_m else [None]
         expand = warmup_configs("expand", GROUP_SIZE, block_m) if block_m else [None]
@@ -80,11 +84,11 @@ def _lowrank(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Ge
     return launches
 
 
-def _sign(d_in: int, d_outs: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> int:
+def _sign(d_in: int, d_outs: tuple[int, ...], calls: list[Call], g: torch.Generator) -> int:
     projections = [random_signs(SLOTS, d_in, min(d, SIGN_ROWS), off, g) for off, d in _parts(d_outs)]
     plan = sign_plan_for(projections)
     launches = 0
-    for block_m, x, y, meta in _calls(d_in, sum(d_outs), dtype, g):
+    for block_m, x, y, meta in calls:
         for config in warmup_configs("sign", None, block_m) if block_m else [None]:
             add_sign_delta_triton(y, x, meta, projections, plan, config)
             launches += 1

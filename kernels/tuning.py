@@ -99,10 +99,13 @@ def spans_groups(kernel: str, tiles: tuple[int, ...], group_size: int | None) ->
     return i is not None and group_size % tiles[i] != 0
 
 
+WORK_BUCKETS = tuple(2 ** i for i in range(7))  # every value of work_bucket
+
+
 def work_bucket(num_row_tiles: int) -> int:
     """Key for how many row tiles (roughly, distinct slots) a launch has: the best split depends on it. Powers
-    of two up to 64."""
-    return min(triton.next_power_of_2(max(num_row_tiles, 1)), 64)
+    of two up to 64 (WORK_BUCKETS)."""
+    return min(triton.next_power_of_2(max(num_row_tiles, 1)), WORK_BUCKETS[-1])
 
 
 def table_key(kernel: str, shape: tuple[int, ...], group_size: int | None, work: int, block_m: int) -> str:
@@ -139,9 +142,6 @@ def _launch_config(kernel: str, shape: tuple[int, ...], group_size: int | None, 
                    forced: str | None) -> LaunchConfig:
     config = config_table().get(table_key(kernel, shape, group_size, work, block_m)) or default_config(kernel, work)
     return _adjusted(kernel, config, group_size, block_m, forced)
-
-
-WORK_BUCKETS = tuple(2 ** i for i in range(7))  # every value of work_bucket
 
 
 def warmup_configs(kernel: str, group_size: int | None, block_m: int) -> list[LaunchConfig]:
