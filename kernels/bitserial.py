@@ -13,26 +13,39 @@ import triton
 import triton.language as tl
 
 @triton.jit
-def centred_word_dots(words_ptrs, plane_stride, w_mask, nbits, x_ptrs, x_mask):
-    """sum over each word's 32 elements of (2 * code - (2^nbits - 1)) * x, fp32 [R]: words_ptrs [R, KW] point
-    at plane 0's words (plane p at + p * plane_stride), x_ptrs [KW] at x[32 * w] of each word (fp16/bf16/fp32;
-    rows padded to whole words, see padded_to_words), x_mask [KW] whether the word exists. Masked words count
-    as 0. nbits >= 1."""
-    # The sum of x through one vector load: the bit loop's 32 scalar loads a tile are hoisted out of the plane
-    # loop but never merged with another loop's, and each costs a load and a conversion.
-    xs = tl.load(x_ptrs[:, None] + tl.arange(0, 32)[None, :], mask=x_mask[:, None], other=0.0)
-    xsum = tl.sum(xs.to(tl.float32), axis=1)
-    codes_x = tl.zeros(words_ptrs.shape, dtype=tl.float32)  # sum_k code_k x_k per word
-    weight = 1.0  # 2^p
-    for p in range(0, nbits):
-        w = tl.load(words_ptrs + p * plane_stride, mask=w_mask, other=0)
-        plane_x = tl.zeros(words_ptrs.shape, dtype=tl.float32)
-        for j in tl.static_range(32):
-            xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
-            plane_x = tl.where(((w >> j) & 1) != 0, plane_x + xj[None, :], plane_x)  # a predicated add
-        codes_x += plane_x * weight
-        weight *= 2.0
-    return tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[None, :], axis=1)  # weight - 1 = 2^nbits - 1
+def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_row, k_begin, k_end, scale_ptrs,
+                       group_size, BLOCK_K: tl.constexpr):
+    """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x[k] * scale[k // group_size], fp32 [R],
+    for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p at
+    + p * plane_stride; n_words words a row) and x_row (fp16/bf16/fp32, padded to whole words, see
+    padded_to_words). scale_ptrs [R] points at each row's fp16 group scales, or is None (no scales). k_begin and
+    the tile BLOCK_K are multiples of 32, and of group_size when scaled. nbits >= 1; masked rows give 0."""
+    acc = tl.zeros(rows_ptrs.shape, dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        x_mask = words < n_words
+        w_ptrs = rows_ptrs[:, None] + words[None, :]
+        w_mask = row_mask[:, None] & x_mask[None, :]
+        x_ptrs = x_row + words * 32
+        scale = 1.0
+        if scale_ptrs is not None:  # loaded first, to be in flight during the bit loop
+            scale = tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)
+        # The sum of x through one vector load: the bit loop's 32 scalar loads a tile are hoisted out of the
+        # plane loop but never merged with another loop's, and each costs a load and a conversion.
+        xs = tl.load(x_ptrs[:, None] + tl.arange(0, 32)[None, :], mask=x_mask[:, None], other=0.0)
+        xsum = tl.sum(xs.to(tl.float32), axis=1)
+        codes_x = tl.zeros(w_ptrs.shape, dtype=tl.float32)  # sum_k code_k x_k per word
+        weight = 1.0  # 2^p
+        for p in range(0, nbits):
+            w = tl.load(w_ptrs + p * plane_stride, mask=w_mask, other=0)
+            plane_x = tl.zeros(w_ptrs.shape, dtype=tl.float32)
+            for j in tl.static_range(32):
+                xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
+                plane_x = tl.where(((w >> j) & 1) != 0, plane_x + xj[None, :], plane_x)  # a predicated add
+            codes_x += plane_x * weight
+            weight *= 2.0
+        acc += tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[None, :], axis=1) * scale  # weight - 1 = 2^nbits - 1
+    return acc
 
 
 def padded_to_words(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import triton.language as tl
 
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_word_dots, padded_to_words
+from .bitserial import centred_range_dots, padded_to_words
 from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
                            z_columns)
 from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
@@ -108,15 +108,10 @@ def _shrink_decode_kernel(
     first = tl.load(blk_start_ptr + pid_m)
     for i in range(0, n_rows):
         row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            q2 = centred_word_dots(planes + offs_r[:, None] * n_words + words[None, :], plane_stride,
-                                   r_mask[:, None] & (words < n_words)[None, :], nbits,
-                                   x_ptr + row * stride_xm + words * 32, words < n_words)  # [R] 2 * (code - centre) . x
-            scale = tl.load(scales + offs_r * n_groups + k0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
-            acc += q2 * (0.5 * scale)
-        tl.atomic_add(z_ptr + row * stride_zm + z_col + offs_r, acc * s, mask=r_mask)
+        acc = centred_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
+                                 x_ptr + row * stride_xm, k_begin, k_end, scales + offs_r * n_groups, group_size,
+                                 BLOCK_K)  # [R] 2 * (code - centre) . x * scale
+        tl.atomic_add(z_ptr + row * stride_zm + z_col + offs_r, acc * (0.5 * s), mask=r_mask)
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,

@@ -16,7 +16,7 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_word_dots, padded_to_words
+from .bitserial import centred_range_dots, padded_to_words
 from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
@@ -98,12 +98,8 @@ def _sign_decode_kernel(
     first = tl.load(blk_start_ptr + pid_m)
     for i in range(0, n_rows):
         row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-            acc += centred_word_dots(signs + offs_n[:, None] * n_words + words[None, :], 0,
-                                     n_mask[:, None] & (words < n_words)[None, :], 1,
-                                     x_ptr + row * stride_xm + words * 32, words < n_words)  # [N] (2 bit - 1) . x
+        acc = centred_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, x_ptr + row * stride_xm, k_begin,
+                                 k_end, None, 0, BLOCK_K)  # [N] (2 bit - 1) . x
         tl.atomic_add(ws_ptr + row * stride_wm + out_offset + offs_n, acc * scale, mask=n_mask)
 
 

@@ -282,15 +282,17 @@ def decode_variants(group_size: int) -> list[int]:
 
 
 def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, int]:
-    """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"): chosen from
-    their SASS (kernels/bitserial.py), not timed yet. A thread keeps 2 words of a 32-word-wide tile, so the 32
-    x values it loads serve both; fewer row tiles split the reduction more ways to fill the GPU."""
+    """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"), chosen from
+    their SASS (kernels/bitserial.py) and A/B runs (bench/results/kernel_ab_decode_tiles.md): a shrink thread
+    keeps 4 words of one 32-element column of a k tile, so the 32 x values it loads serve all four (128 ranks a
+    program was 12-24% faster than 64, 256 up to 3x slower); a sign thread keeps 2 (128 rows was slower than 64).
+    Fewer row tiles split the reduction more ways to fill the GPU."""
     if _interpreting():
         return {"BLOCK_R": 16, "BLOCK_K": 32, "SPLIT_K": 2} if kernel == "shrink" else \
             {"BLOCK_N": 64, "SPLIT_R": 2} if kernel == "expand" else {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
     split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
     if kernel == "shrink":
-        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
+        return {"BLOCK_R": 128, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
     if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
         return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4}
     return {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": 4}
