@@ -7,9 +7,16 @@ from a graph captured for (P, which delta kernels its rows need) under the slot 
 only inputs move: the embedded tokens (the embedding and its per-tenant delta run eagerly, outside the
 graph), positions, cache slots, block tables, context lengths and slot metadata are copied into the
 graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
+
+A capture costs a few eager steps plus the capture itself, on the step thread, stalling every running sequence
+once. So, as vLLM does, the base-model graph of every bucket is captured before the engine takes requests
+(capture_base), and base graphs, which read no slot buffer, outlive slot-layout changes; graphs with tenant rows
+are captured at their first step and recaptured when the layout changes. captures and capture_seconds count them
+(the server exports both).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +58,7 @@ class DecodeGraphs:
         self._layout: tuple | None = None
         self._pool = None
         self.captures = 0                   # graphs captured so far (a new layout recaptures)
+        self.capture_seconds = 0.0          # wall time of those captures, warm-up steps included
 
     def can_run(self, row_slots: list[int]) -> bool:
         """Whether a decode step of these rows can replay a graph: no slot takes the per-slot torch path."""
@@ -64,11 +72,13 @@ class DecodeGraphs:
         n = len(token_ids)
         pad_to = next(b for b in self.buckets if b >= n)
         layout = self.bank.layout_key()
-        if layout != self._layout:          # a slot buffer moved or a kind appeared: every graph is stale
-            self._graphs.clear()
-            # A fresh memory pool too: the old one outlives its graphs while a returned logits view still
-            # holds a block of it, and the allocator refuses a capture into a pool whose graphs are all gone.
-            self._pool = None
+        if layout != self._layout:          # a slot buffer moved or a kind appeared: tenant graphs are stale
+            for key in [k for k in self._graphs if k[1] is not None]:
+                del self._graphs[key]
+            if not self._graphs:
+                # A fresh memory pool too: the old one outlives its graphs while a returned logits view still
+                # holds a block of it, and the allocator refuses a capture into a pool whose graphs are all gone.
+                self._pool = None
             self._layout = layout
         (ids,) = upload_lists([token_ids], self.device)
         embedding = self.model.embed_tokens
@@ -93,6 +103,15 @@ class DecodeGraphs:
             g.graph.replay()
         return g.logits[:n]
 
+    @torch.inference_mode()
+    def capture_base(self) -> None:
+        """Capture the base-model graph of every bucket now (all rows padding: they write only the scratch row)."""
+        for pad_to in self.buckets:
+            if (pad_to, None) not in self._graphs:
+                attn = DecodeAttention.build([], [], self.block_size, pad_to, self.max_blocks, self.scratch_row,
+                                             self.device)
+                self._graphs[(pad_to, None)] = self._capture(pad_to, attn, None)
+
     def _step(self, g: _Graph) -> torch.Tensor:
         return self.model.logits(self.model.decoder(g.hidden, self.kv_caches, g.attn, g.rows), g.rows)
 
@@ -102,6 +121,7 @@ class DecodeGraphs:
                                dtype=self.model.embed_tokens.weight.dtype), attn, rows)
         if self.device.type != "cuda":
             return g
+        start = time.perf_counter()
         # Warm up on a side stream first: Triton autotuning and the libraries' first-call setup must not run
         # inside the capture. The warm-up writes this step's K/V; the replay rewrites the same rows.
         side = torch.cuda.Stream(self.device)
@@ -118,4 +138,6 @@ class DecodeGraphs:
         self._pool = g.graph.pool()
         g.keep = live_tables() + live_workspaces()   # the graph's addresses must outlive the kernels' caches
         self.captures += 1
+        torch.cuda.synchronize(self.device)   # the warm-up steps ran on the GPU meanwhile: count them
+        self.capture_seconds += time.perf_counter() - start
         return g

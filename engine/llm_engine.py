@@ -194,6 +194,8 @@ class LLMEngine:
         s.backbone_bytes = self.runner.backbone_bytes
         s.delta_slot_bytes = self.runner.bank.nbytes()
         s.kv_cache_bytes = self.runner.kv_cache_bytes
+        graphs = self.runner.graphs
+        s.graph_captures, s.graph_capture_seconds = (graphs.captures, graphs.capture_seconds) if graphs else (0, 0.0)
         return dataclasses.replace(s)
 
 

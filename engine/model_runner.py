@@ -51,6 +51,8 @@ class ModelRunner:
         warm = config.kernel_warmup if config.kernel_warmup is not None else (
             self.device.type == "cuda" and config.delta_kernels)
         self.warmup_launches = warm_up_kernels(self.model, self.kv_caches[0], config.block_size) if warm else 0
+        if self.graphs is not None and self.device.type == "cuda":
+            self.graphs.capture_base()   # after the kernel warm-up, so no capture waits on a compile
 
     def stage(self, delta: DeltaFile) -> DeltaFile:
         """`delta` with its tensors on the device. On CUDA the host-to-device copies run on their own stream,

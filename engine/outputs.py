@@ -51,5 +51,7 @@ class EngineStats:
     backbone_bytes: int = 0
     delta_slot_bytes: int = 0
     kv_cache_bytes: int = 0
+    graph_captures: int = 0             # decode CUDA graphs captured since start (start-up ones included)
+    graph_capture_seconds: float = 0.0  # step-thread time those captures took
     running_slots: list[int] = field(default_factory=list)   # slots of running requests (for lora_requests_info)
     waiting_slots: list[int] = field(default_factory=list)

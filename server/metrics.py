@@ -91,6 +91,16 @@ class _StateCollector(Collector):
         steps = CounterMetricFamily("deltaserve_engine_steps", "Engine steps run since start.")
         steps.add_metric([], s.steps_total)
         yield steps
+        # A capture stalls every running sequence once (its inter-token gap): these say how often and how long.
+        captures = CounterMetricFamily("deltaserve_decode_graph_captures", "Decode CUDA graphs captured since "
+                                       "start (the base model's at start-up; a tenant step's at its first batch "
+                                       "size and after a slot-layout change).")
+        captures.add_metric([], s.graph_captures)
+        yield captures
+        capture_s = CounterMetricFamily("deltaserve_decode_graph_capture_seconds", "Engine time spent capturing "
+                                        "decode CUDA graphs, warm-up steps included.")
+        capture_s.add_metric([], s.graph_capture_seconds)
+        yield capture_s
         yield from _cache_gauges(self.cache_stats(), s.delta_slot_bytes)
 
 

@@ -55,6 +55,24 @@ def test_a_reloaded_slot_changes_the_static_steps_output(tenants):
     assert _generate(engine, (0, 0)) == first
 
 
+def test_base_graphs_are_made_up_front_and_outlive_a_layout_change(tenants):
+    """capture_base prepares every bucket's base-model step before any request; a slot-layout change then drops the
+    steps with tenant rows (they read slot buffers) and keeps the base ones (they read none)."""
+    engine = make_engine(tenants, cuda_graphs=True)
+    graphs = engine.runner.graphs
+    graphs.capture_base()
+    base = {key: g for key, g in graphs._graphs.items()}
+    assert sorted(pad for pad, kinds in base) == graphs.buckets and all(kinds is None for _, kinds in base)
+    assert _generate(engine, (0, -1, 0)) == _generate(make_engine(tenants, cuda_graphs=False), (0, -1, 0))
+    assert any(kinds is not None for _, kinds in graphs._graphs)
+    engine.load_delta(0, tenants.deltas[1])   # slot 0 packed -> bitdelta: no slot holds packed deltas any more
+    reference = make_engine(tenants, cuda_graphs=False)
+    reference.load_delta(0, tenants.deltas[1])
+    assert _generate(engine, (-1, 0)) == _generate(reference, (-1, 0))
+    assert all(graphs._graphs[key] is g for key, g in base.items())
+    assert all(kinds is None or kinds[0] is None for _, kinds in graphs._graphs)   # no step of the old layout
+
+
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_eager(tenants):
     if not torch.cuda.is_available():
@@ -63,8 +81,10 @@ def test_cuda_graph_replay_matches_eager(tenants):
     kw = dict(device="cuda", dtype="float32")
     eager = _generate(make_engine(tenants, cuda_graphs=False, **kw), slots)
     engine = make_engine(tenants, cuda_graphs=True, **kw)
+    graphs = engine.runner.graphs
+    assert graphs.captures == len(graphs.buckets) and graphs.capture_seconds > 0   # the base graphs, at start-up
     assert _generate(engine, slots) == eager
-    assert engine.runner.graphs.captures > 0
+    assert graphs.captures > len(graphs.buckets)
     assert _generate(engine, slots[:3]) == _generate(make_engine(tenants, cuda_graphs=False, **kw), slots[:3])
     # Slot 0 swapped to the bitdelta tenant by a planned load, then back: the captured graphs follow.
     for delta in (tenants.deltas[1], tenants.deltas[0]):
