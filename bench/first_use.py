@@ -2,10 +2,11 @@
 
 A Triton kernel compiles the first time a launch needs a variant nobody compiled yet (new constexprs, or a new
 specialization of an int argument), and the compile happens inside that step, stalling every running sequence
-(the 7B and SmolLM2 load runs saw a 2 s TTFT for a tenant already on the GPU). This script plays a fixed list
-of request patterns on one engine, in order, each pattern waiting for the last to finish, and records per
-pattern: the wall time until every request of it finished, its slowest TTFT, and the Triton kernels compiled
-meanwhile (new .cubin files in the run's own, initially empty, Triton cache). The last pattern repeats an
+(the 7B and SmolLM2 load runs saw a 2 s TTFT for a tenant already on the GPU); so does a decode CUDA graph the
+first time a step needs it. This script plays a fixed list of request patterns on one engine, in order, each
+pattern waiting for the last to finish, and records per pattern: the wall time until every request of it
+finished, its slowest TTFT, the Triton kernels compiled meanwhile (new .cubin files in the run's own, initially
+empty, Triton cache) and the decode graphs captured meanwhile. The last pattern repeats an
 earlier one, when nothing is new any more: the steady-state time of that shape.
 
 Each build runs in its own process with an empty TRITON_CACHE_DIR, as on a fresh machine or container.
@@ -65,6 +66,7 @@ def play(engine, pattern: Pattern, max_tokens: int, cache: Path) -> dict:
                for _ in pattern.tenants]
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     before = compiled(cache)
+    captures_before = graph_captures(engine)
     t0 = time.perf_counter()
     ids = [f"{pattern.prompt_seed}-{i}" for i in range(len(prompts))]
     for rid, prompt, slot in zip(ids, prompts, pattern.tenants):
@@ -78,8 +80,16 @@ def play(engine, pattern: Pattern, max_tokens: int, cache: Path) -> dict:
                 done.add(out.request_id)
     wall = time.perf_counter() - t0
     new = sorted(p.stem for p in compiled(cache) - before)
+    captures, capture_s = (a - b for a, b in zip(graph_captures(engine), captures_before))
     return {"pattern": pattern.name, "requests": len(ids), "wall_s": wall, "ttft_max_s": max(ttft.values()),
-            "compiles": len(new), "kernels": new}
+            "compiles": len(new), "kernels": new, "graph_captures": captures, "graph_capture_s": capture_s}
+
+
+def graph_captures(engine) -> tuple[int, float]:
+    """Decode CUDA graphs the engine captured so far, and the seconds they took (0.0 where a build does not
+    count them)."""
+    graphs = engine.runner.graphs
+    return (graphs.captures, getattr(graphs, "capture_seconds", 0.0)) if graphs is not None else (0, 0.0)
 
 
 def child(args: argparse.Namespace) -> None:
@@ -99,7 +109,10 @@ def child(args: argparse.Namespace) -> None:
     delta = pinned(random_delta(block_shapes(engine.base_shapes), engine.base_fingerprint, seed=1), engine.runner.device)
     fill_slots(engine, delta, args.tenants)
     rows = [play(engine, p, args.max_tokens, cache) for p in patterns(args.tenants)]
+    captures, capture_s = graph_captures(engine)
     result = {"engine_build_s": built, "compiled_at_start": at_start, "rows": rows,
+              "graph_captures_at_start": captures - sum(r["graph_captures"] for r in rows),
+              "graph_capture_s_at_start": capture_s - sum(r["graph_capture_s"] for r in rows),
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     Path(args.child_out).write_text(json.dumps(result, indent=1))
 
@@ -123,20 +136,23 @@ def write_report(args: argparse.Namespace, results: dict[str, dict], out: Path) 
     body = {"command": "python bench/first_use.py " + " ".join(sys.argv[1:]), "builds": results}
     (out / "first_use.json").write_text(json.dumps(body, indent=1) + "\n")
     head = "| request pattern | requests | " + " | ".join(
-        f"{l}: wall ms | {l}: slowest TTFT ms | {l}: compiles" for l in labels) + " |"
+        f"{l}: wall ms | {l}: slowest TTFT ms | {l}: compiles | {l}: graph captures (ms)" for l in labels) + " |"
     lines = [f"# First-use latency ({next(iter(results.values()))['device']})", "",
              f"`{body['command']}`", "",
              "Each build in its own process with an empty Triton cache (a fresh machine); patterns run in order, "
-             "each on an idle engine. compiles: Triton kernels compiled during the pattern.", "",
-             "Engine build, start-up kernel warm-up included (s): " + ", ".join(
-                 f"{l} {r['engine_build_s']:.1f} ({len(r['compiled_at_start'])} kernels compiled)"
+             "each on an idle engine. compiles: Triton kernels compiled during the pattern; graph captures: decode "
+             "CUDA graphs captured during it, and the time they took (a build that does not time them shows 0).", "",
+             "Engine build, start-up kernel warm-up and graph captures included (s): " + ", ".join(
+                 f"{l} {r['engine_build_s']:.1f} ({len(r['compiled_at_start'])} kernels compiled, "
+                 f"{r['graph_captures_at_start']} graphs captured in {r['graph_capture_s_at_start']:.1f} s)"
                  for l, r in results.items()), "",
-             head, "|---|---:|" + "---:|" * (3 * len(labels))]
+             head, "|---|---:|" + "---:|" * (4 * len(labels))]
     for i, row in enumerate(results[labels[0]]["rows"]):
         cells = []
         for l in labels:
             r = results[l]["rows"][i]
-            cells += [f"{1e3 * r['wall_s']:,.0f}", f"{1e3 * r['ttft_max_s']:,.0f}", str(r["compiles"])]
+            cells += [f"{1e3 * r['wall_s']:,.0f}", f"{1e3 * r['ttft_max_s']:,.0f}", str(r["compiles"]),
+                      f"{r['graph_captures']} ({1e3 * r['graph_capture_s']:,.0f})"]
         lines.append(f"| {row['pattern']} | {row['requests']} | " + " | ".join(cells) + " |")
     totals = ", ".join(f"{l} {sum(r['compiles'] for r in res['rows'])} compiles, "
                        f"{sum(r['wall_s'] for r in res['rows']):.1f} s" for l, res in results.items())
