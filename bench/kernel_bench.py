@@ -25,6 +25,7 @@ from triton.testing import do_bench
 from deltaserve.delta_store.packing import num_groups, num_words
 from deltaserve.kernels import LowRankProjection, SlotMetadata, SignProjection
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
+from deltaserve.kernels.lowrank_dense import DENSE_MIN_ROWS
 from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
@@ -165,6 +166,8 @@ def bench_shape(name: str, g: torch.Generator, bw: float, quick: bool) -> list[d
                       zip(meta.seg_slots.tolist(), meta.seg_starts.tolist(), meta.seg_lens_host)]
             plan = lowrank_plan_for(w.lowrank)
             z = shrink_triton(x, meta, plan, G)
+            rest, long_segments = meta.split_long(DENSE_MIN_ROWS)
+            path = "kernels" if not long_segments else "dense" if rest is None else "dense + kernels"
             t_kernel = ms(lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G), quick)
             t_eager = ms(lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G), quick, graph=False)
             t_shrink = ms(lambda: shrink_triton(x, meta, plan, G), quick)
@@ -174,14 +177,14 @@ def bench_shape(name: str, g: torch.Generator, bw: float, quick: bool) -> list[d
             t_dense = ms(lambda: dense_path(y, x, groups, dense), quick)
             io = 2 * B * (w.d_in + 2 * sum(w.d_outs))  # x read, y read and written (fp16)
             moved = T * w.slot_bytes + io
-            row = dict(shape=name, batch=B, tenants=T, kernel_us=t_kernel * 1e3, kernel_eager_us=t_eager * 1e3,
+            row = dict(shape=name, batch=B, tenants=T, path=path, kernel_us=t_kernel * 1e3, kernel_eager_us=t_eager * 1e3,
                        shrink_us=t_shrink * 1e3, expand_us=t_expand * 1e3, bytes_moved=moved,
                        achieved_gbs=moved / t_kernel / 1e6, frac_copy_bw=moved / (t_kernel * 1e-3) / bw,
                        sign_us=t_sign * 1e3, sign_frac_copy_bw=(T * w.sign_slot_bytes + io) / (t_sign * 1e-3) / bw,
                        torch_us=t_torch * 1e3, dense_us=t_dense * 1e3, speedup_vs_torch=t_torch / t_kernel,
                        speedup_vs_dense=t_dense / t_kernel, speedup_vs_bitdelta=t_sign / t_kernel)
             rows_out.append(row)
-            print(f"{name:8s} B={B:3d} T={T:2d} kernel {row['kernel_us']:7.1f} us (shrink {row['shrink_us']:6.1f}, "
+            print(f"{name:8s} B={B:3d} T={T:2d} {path:15s} {row['kernel_us']:7.1f} us (shrink {row['shrink_us']:6.1f}, "
                   f"expand {row['expand_us']:6.1f}, eager {row['kernel_eager_us']:6.0f})  "
                   f"{row['frac_copy_bw']:5.1%} of copy  torch x{row['speedup_vs_torch']:5.1f}  "
                   f"dense x{row['speedup_vs_dense']:5.1f}  bitdelta x{row['speedup_vs_bitdelta']:4.2f}", flush=True)
@@ -189,7 +192,7 @@ def bench_shape(name: str, g: torch.Generator, bw: float, quick: bool) -> list[d
 
 
 def bench_prefill(g: torch.Generator, bw: float, quick: bool) -> list[dict]:
-    """SGMV path: 2048 prompt tokens split over T tenants, 4096 -> 4096."""
+    """Prefill: 2048 prompt tokens split over T tenants, 4096 -> 4096 (add_lowrank_delta: the dense path here)."""
     w = make_weights("o", 16, g)
     base = torch.randn(HIDDEN, HIDDEN, device="cuda", dtype=torch.float16, generator=g)
     out = []
@@ -243,16 +246,22 @@ def write_markdown(res: dict, path: Path) -> None:
     lines += [f"| {k} | {v['delta_rel_err']:.2e} | {v['base_rows_untouched']} |" for k, v in res["correctness"].items()]
     lines += ["", "## Decode (device time in us, CUDA graph replay, L2 flushed; eager = the same call from Python; "
               "bandwidth on packed bytes of distinct slots + x + y)", "",
-              "| shape | batch | tenants | kernel | eager | shrink | expand | GB/s | of copy BW | x torch path "
-              "| x dense fp16 | x BitDelta (equal bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['shape']} | {r['batch']} | {r['tenants']} | {r['kernel_us']:.1f} | {r['kernel_eager_us']:.0f} | "
+              f"kernel: add_lowrank_delta, through `path`: the shrink and expand kernels, or for a tenant with "
+              f"{DENSE_MIN_ROWS}+ rows the dense path (kernels/lowrank_dense.py: factors dequantized once, two GEMMs); "
+              f"the shrink and expand columns time the kernels on every row either way. A captured decode graph "
+              f"(the engine's decode steps) always takes the kernels.", "",
+              "| shape | batch | tenants | path | kernel | eager | shrink | expand | GB/s | of copy BW | x torch path "
+              "| x dense fp16 | x BitDelta (equal bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['shape']} | {r['batch']} | {r['tenants']} | {r['path']} | {r['kernel_us']:.1f} | "
+              f"{r['kernel_eager_us']:.0f} | "
               f"{r['shrink_us']:.1f} | {r['expand_us']:.1f} | {r['achieved_gbs']:.0f} | {r['frac_copy_bw']:.0%} | "
               f"{r['speedup_vs_torch']:.1f} | {r['speedup_vs_dense']:.1f} | {r['speedup_vs_bitdelta']:.2f} |"
               for r in res["decode"]]
     if "layer" not in res:  # --decode-only
         path.write_text("\n".join(lines + [""]))
         return
-    lines += ["", "## Prefill (SGMV tiles, 4096 -> 4096)", "", "| tokens | tenants | kernel us | delta TFLOP/s | "
+    lines += ["", f"## Prefill (4096 -> 4096; {DENSE_MIN_ROWS}+ rows a tenant: the dense path)", "",
+              "| tokens | tenants | kernel us | delta TFLOP/s | "
               "base matmul us |", "|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['tenants']} | {r['kernel_us']:.1f} | {r['delta_tflops']:.0f} | "
               f"{r['base_matmul_us']:.1f} |" for r in res["prefill"]]

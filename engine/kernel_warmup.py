@@ -6,7 +6,7 @@ so every running sequence stalls with it (bench/results/first_use.md: 2.4 s TTFT
 short prefill took a new row-tile height). Like vLLM's start-up dummy runs with dummy LoRAs, the engine
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
-variant, and the paged-attention kernels once. Nothing of the engine's state is touched: the synthetic deltas,
+variant, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's state is touched: the synthetic deltas,
 inputs and outputs are thrown away. Triton keeps the compiled kernels on disk, so a restart on the same machine
 loads them in milliseconds.
 """
@@ -17,6 +17,7 @@ import torch
 from deltaserve.engine.layers import DeltaLinear
 from deltaserve.engine.model import LlamaModel
 from deltaserve.kernels import LowRankProjection, SlotMetadata, lowrank_plan_for, sign_plan_for
+from deltaserve.kernels.lowrank_dense import dequantized_factors
 from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.paged_attention import paged_decode_attention
@@ -81,7 +82,8 @@ def _lowrank(d_in: int, d_outs: tuple[int, ...], calls: list[Call], g: torch.Gen
         for config in expand:
             expand_triton(y, z, meta, plan, GROUP_SIZE, config)
         launches += len(shrink) + len(expand)
-    return launches
+    dequantized_factors(plan, 0, d_in, GROUP_SIZE, calls[0][1].dtype)  # the dense path of long prefill segments
+    return launches + 1
 
 
 def _sign(d_in: int, d_outs: tuple[int, ...], calls: list[Call], g: torch.Generator) -> int:

@@ -3,12 +3,14 @@
 Two launches, shrink then expand, with z fp32 [B, sum of ranks] between them: expand needs every rank of
 a row before it can finish any output element, and a fused kernel would either recompute z per output
 tile (re-reading V d_out / BLOCK_N times) or need a grid-wide barrier. bench/kernel_bench.py times the two
-launches separately to show what the split costs.
+launches separately to show what the split costs. A tenant with DENSE_MIN_ROWS+ rows in one call (a prefill
+chunk) takes lowrank_dense.py instead: its factors dequantized once, then two GEMMs.
 """
 from __future__ import annotations
 
 import torch
 
+from .lowrank_dense import DENSE_MIN_ROWS, add_dense_segments
 from .lowrank_expand import expand_reference, expand_triton
 from .lowrank_plan import LowRankPlan, lowrank_plan_for
 from .lowrank_shrink import shrink_reference, shrink_triton
@@ -26,7 +28,10 @@ def add_lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
     plan = lowrank_plan_for(projections) if plan is None else plan
     if plan.projections.shape[0] != len(projections):
         raise ValueError(f"the plan is for {plan.projections.shape[0]} projections, the call has {len(projections)}")
-    expand_triton(y, shrink_triton(x, meta, plan, group_size), meta, plan, group_size)
+    meta, long_segments = meta.split_long(DENSE_MIN_ROWS)   # a tenant's long prefill chunk: lowrank_dense.py
+    add_dense_segments(y, x, long_segments, plan, projections, group_size)
+    if meta is not None:
+        expand_triton(y, shrink_triton(x, meta, plan, group_size), meta, plan, group_size)
 
 
 def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,

@@ -26,7 +26,10 @@ T_BITS = tl.constexpr(6)
 T_RANK_CAP = tl.constexpr(7)
 T_BITS_CAP = tl.constexpr(8)
 T_Z_COL = tl.constexpr(9)
-TIER_COLS = tl.constexpr(10)
+T_D_OUT = tl.constexpr(10)  # d_out of the tier's projection
+T_DENSE_ROW = tl.constexpr(11)  # first row of the tier in the dense path's factors (lowrank_dense)
+TIER_COLS = tl.constexpr(12)
+DENSE_ALIGN = 64  # the dense path's factor rows of each projection start at a multiple of this
 # Columns of a projection descriptor: its tiers are rows [begin, end) of the tier table.
 P_TIER_BEGIN = tl.constexpr(0)
 P_TIER_END = tl.constexpr(1)
@@ -52,6 +55,23 @@ def tier_factor(desc, slot, d, group_size, PLANES: tl.constexpr, SCALES: tl.cons
     return rank, nbits, planes, rank_cap * n_words, scales, n_words, n_groups
 
 
+def dense_rows(projections: list[LowRankProjection]) -> tuple[list[list[int]], list[tuple[int, int]], int]:
+    """The dense path's factor layout: first row of each tier (per projection), each projection's [start, end)
+    rows, and the row count. Like z_columns, but every projection starts at a multiple of DENSE_ALIGN: cuBLAS
+    takes its slow pre-Hopper GEMMs for operands whose leading dimension is not a multiple of 8 (the profile of
+    a 941-rank delta on the H100: a sm75 kernel at 80 TFLOP/s)."""
+    rows, spans, width = [], [], 0
+    for p in projections:
+        start = width
+        rows.append([])
+        for t in p.tiers:
+            rows[-1].append(width)
+            width += t.rank_cap
+        width = -(-width // DENSE_ALIGN) * DENSE_ALIGN
+        spans.append((start, width))
+    return rows, spans, width
+
+
 def z_columns(projections: list[LowRankProjection]) -> tuple[list[list[int]], int]:
     """First z column of each tier (per projection) and z's width; tier t of a projection owns rank_cap columns."""
     cols, width = [], 0
@@ -70,19 +90,22 @@ class LowRankPlan:
     z_width: int
     max_rank_cap: int
     max_d_out: int
+    dense_spans: tuple[tuple[int, int], ...]  # dense_rows' per-projection rows
+    dense_width: int
 
 
 def lowrank_plan_for(projections: list[LowRankProjection]) -> LowRankPlan:
     """The tables of a projection list. Build it once per list of buffers and pass it to every call (a graph
     captures its address); the tables are cached on their contents, so a rebuilt list reuses them."""
     cols, z_width = z_columns(projections)
+    d_rows, spans, dense_width = dense_rows(projections)
     tier_rows, proj_rows = [], []
-    for p, p_cols in zip(projections, cols):
+    for p, p_cols, p_dense in zip(projections, cols, d_rows):
         begin = len(tier_rows)
-        for t, z_col in zip(p.tiers, p_cols):
+        for t, z_col, dense_row in zip(p.tiers, p_cols, p_dense):
             tier_rows.append((t.v_planes.data_ptr(), t.v_scales.data_ptr(), t.u_planes.data_ptr(),
                               t.u_scales.data_ptr(), t.s.data_ptr(), t.ranks.data_ptr(), t.bits.data_ptr(),
-                              t.rank_cap, t.bits_cap, z_col))
+                              t.rank_cap, t.bits_cap, z_col, p.d_out, dense_row))
         proj_rows.append((begin, len(tier_rows), p.out_offset, p.d_out))
     device = next((p.tiers[0].device for p in projections if p.tiers), torch.device("cpu"))
     return LowRankPlan(
@@ -91,4 +114,6 @@ def lowrank_plan_for(projections: list[LowRankProjection]) -> LowRankPlan:
         z_width=z_width,
         max_rank_cap=max((t.rank_cap for p in projections for t in p.tiers), default=0),
         max_d_out=max((p.d_out for p in projections), default=0),
+        dense_spans=tuple(spans),
+        dense_width=dense_width,
     )

@@ -45,9 +45,11 @@ class SlotMetadata:
     seg_slots_host: tuple[int, ...]  # seg_slots and seg_starts on the host, for the PyTorch references
     seg_starts_host: tuple[int, ...]
     static: bool = False  # padded for graph capture: launches never read the host tuples above
+    row_slots_host: tuple[int, ...] = ()  # row_slots on the host (unpadded)
     _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _kinds: TileKinds | None = field(default=None, repr=False)  # tile_kinds' answer
+    _split: dict = field(default_factory=dict, repr=False)  # split_long's answers, by min_rows
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, num_slots: int) -> SlotMetadata:
@@ -90,7 +92,7 @@ class SlotMetadata:
                 parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
         flat, t = upload_packed(parts, torch.device(device), torch.int32)
         meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts),
-                   static=pad_to is not None, _flat=flat)
+                   static=pad_to is not None, row_slots_host=tuple(row_slots), _flat=flat)
         meta._blocks[block_m] = (t[5], t[6])
         return meta
 
@@ -111,6 +113,35 @@ class SlotMetadata:
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host)
         # Tiles of any other height were cut for the old rows (only the references ask for them).
         self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
+
+    def split_long(self, min_rows: int) -> tuple[SlotMetadata | None, list[tuple[int, torch.Tensor]]]:
+        """(Metadata of the rows outside segments of min_rows or more rows, None if no row with a slot is left;
+        each such segment as (slot, its rows: see _segment_rows)): what lowrank_dense takes and what is left to
+        the kernels. Static metadata keeps every row (a captured graph's launches are fixed). Worked out once per
+        min_rows: every linear of a step asks."""
+        if self.static:
+            return self, []
+        if min_rows not in self._split:
+            long = [(slot, start, n) for slot, start, n in zip(self.seg_slots_host, self.seg_starts_host,
+                                                               self.seg_lens_host) if n >= min_rows]
+            if not long:
+                self._split[min_rows] = (self, [])
+            else:
+                taken = {slot for slot, _, _ in long}
+                rest = ([-1 if s in taken else s for s in self.row_slots_host] if len(long) < len(self.seg_lens_host)
+                        else None)
+                self._split[min_rows] = (
+                    None if rest is None else SlotMetadata.from_host(rest, self.num_slots, self.row_slots.device),
+                    [(slot, self._segment_rows(slot, start, n)) for slot, start, n in long])
+        return self._split[min_rows]
+
+    def _segment_rows(self, slot: int, start: int, n: int) -> slice | torch.Tensor:
+        """A segment's rows: a slice when they are consecutive (a prefill chunk's are: views, no gather), else
+        their int64 indices on the device."""
+        first = self.row_slots_host.index(slot)
+        if self.row_slots_host[first:first + n] == (slot,) * n:
+            return slice(first, first + n)
+        return self.sorted_rows[start:start + n].long()
 
     @property
     def num_rows(self) -> int:

@@ -15,6 +15,8 @@ from deltaserve.delta_store.packing import dequantize, pack_bitplanes, quantize_
 from deltaserve.kernels.bitplanes import UNPACK_NAMES
 from deltaserve.kernels import LowRankProjection, PackedTierSlots, SlotMetadata, add_lowrank_delta, add_sign_delta
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
+from deltaserve.kernels import lowrank_delta
+from deltaserve.kernels.lowrank_dense import dequantized_factors, dequantized_factors_reference
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
@@ -32,7 +34,15 @@ ROW_CASES = {
     "every_row_own_slot": [3, 0, 2, 1],
     "mixed_with_base": [2, -1, 0, 0, 3, 2, -1, 0, 1],
     "prefill_segments": [1] * 20 + [-1, 0, 0, 3] + [1] * 19,  # slot 1 spans two 32-row tiles
+    # slot 3's 66 rows take the dense path (at the tests' threshold, see dense_threshold), the rest the kernels
+    "long_segment_dense": [3] * 30 + [0, -1, 1, 1] + [3] * 36,
 }
+DENSE_MIN_ROWS = 64  # the dense path's threshold in these tests: 66 rows reach it, and the interpreter stays quick
+
+
+@pytest.fixture(autouse=True)
+def dense_threshold(monkeypatch) -> None:
+    monkeypatch.setattr(lowrank_delta, "DENSE_MIN_ROWS", DENSE_MIN_ROWS)
 
 
 @pytest.fixture
@@ -68,13 +78,24 @@ def _batch(rows: list[int], dtype: torch.dtype, g: torch.Generator) -> tuple[tor
     return x, y0, SlotMetadata.build(torch.tensor(rows, dtype=torch.int32), S)
 
 
-def _assert_close(got: torch.Tensor, want: torch.Tensor, y0: torch.Tensor, rows: list[int], seed: int) -> None:
-    """got == want up to one rounding of y's dtype (sums run in another order); base rows bit-identical to y0."""
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, y0: torch.Tensor, rows: list[int], seed: int,
+                  lowrank: bool = False) -> None:
+    """got == want up to one rounding of y's dtype (sums run in another order); base rows bit-identical to y0.
+    lowrank: add_lowrank_delta_triton's output, whose rows in a segment long enough for the dense path
+    (lowrank_dense) went through factors and z rounded to y's dtype: there the delta must match to a relative
+    error of 4 ulps of the dtype (measured: 7e-4 in fp16, 1e-2 in bf16, against 0.1% and 0.8% for one ulp)."""
     base = torch.tensor([s < 0 for s in rows])
     assert torch.equal(got[base], y0[base]), f"seed {seed}: base rows changed"
-    ulp = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-20}[got.dtype]
-    err = (got.float() - want.float()).abs()
-    tol = ulp * want.float().abs() + 1e-3
+    dense = torch.tensor([lowrank and s >= 0 and rows.count(s) >= DENSE_MIN_ROWS for s in rows])
+    if dense.any():
+        delta_got, delta_want = (got.float() - y0.float())[dense], (want.float() - y0.float())[dense]
+        rel = ((delta_got - delta_want).norm() / delta_want.norm()).item()
+        assert rel <= 4 * ULP[got.dtype], f"seed {seed}: dense rows' delta off by {rel:.2e} (dtype {got.dtype})"
+    err = (got.float() - want.float()).abs()[~dense]
+    tol = ULP[got.dtype] * want.float().abs()[~dense] + 1e-3
     assert bool((err <= tol).all()), f"seed {seed}: max error {err.max().item()} (dtype {got.dtype})"
 
 
@@ -88,9 +109,43 @@ def test_lowrank_kernel_matches_reference(case: str, dtype: torch.dtype, gen) ->
     want, got = y0.clone(), y0.clone()
     add_lowrank_delta_reference(want, x, meta, projections, G)
     add_lowrank_delta_triton(got, x, meta, projections, G)
-    _assert_close(got, want, y0, rows, seed)
+    _assert_close(got, want, y0, rows, seed, lowrank=True)
     if any(s >= 0 for s in rows):
         assert not torch.equal(want, y0), f"seed {seed}: the delta did nothing"
+
+
+def test_long_segments_split_off_for_the_dense_path() -> None:
+    rows = ROW_CASES["long_segment_dense"]
+    assert rows.count(3) >= DENSE_MIN_ROWS > max(rows.count(s) for s in (0, 1))
+    meta = SlotMetadata.from_host(rows, S, torch.device("cpu"))
+    rest, long = meta.split_long(DENSE_MIN_ROWS)
+    assert [slot for slot, _ in long] == [3] and long[0][1].tolist() == [i for i, s in enumerate(rows) if s == 3]
+    chunk = SlotMetadata.from_host([0, 1] + [2] * DENSE_MIN_ROWS + [1], S, torch.device("cpu"))
+    assert chunk.split_long(DENSE_MIN_ROWS)[1] == [(2, slice(2, 2 + DENSE_MIN_ROWS))]   # consecutive: a view
+    assert rest.row_slots.tolist() == [-1 if s == 3 else s for s in rows] and rest.num_rows == len(rows)
+    assert meta.split_long(DENSE_MIN_ROWS)[0] is rest                  # once per step, not per linear
+    assert meta.split_long(len(rows) + 1) == (meta, [])
+    only_long = SlotMetadata.from_host([2] * DENSE_MIN_ROWS + [-1], S, torch.device("cpu"))
+    assert only_long.split_long(DENSE_MIN_ROWS)[0] is None
+    static = SlotMetadata.from_host(rows, S, torch.device("cpu"), pad_to=len(rows))
+    assert static.split_long(DENSE_MIN_ROWS) == (static, [])        # a graph's launches are fixed
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *DTYPES), ids=str)
+def test_dequantized_factors_match_reference(dtype: torch.dtype, gen) -> None:
+    """Every element the dense path reads: V whole, U's columns of each projection; rows past a slot's rank 0."""
+    g, seed = gen
+    projections = _projections(g)
+    plan = lowrank_plan_for(projections)
+    for slot in range(S):
+        v, u = dequantized_factors(plan, slot, D_IN, G, dtype)
+        want_v, want_u = dequantized_factors_reference(projections, slot, D_IN, G, dtype)
+        assert v.dtype == u.dtype == dtype
+        rtol = 1e-6 if dtype == torch.float32 else ULP[dtype]   # products in another order: one rounding apart
+        torch.testing.assert_close(v, want_v, rtol=rtol, atol=0, msg=f"seed {seed} slot {slot}")
+        torch.testing.assert_close(u, want_u, rtol=rtol, atol=0, msg=f"seed {seed} slot {slot}")
+        assert v.abs().sum() > 0 and (v[want_v == 0] == 0).all()    # ranks past the slot's, padding: exact zeros
+        assert v.shape[0] % 64 == 0 and all(start % 64 == 0 for start, _ in plan.dense_spans)   # cuBLAS alignment
 
 
 # Tiles of both kernel kinds (mixed_with_base), and tl.dot tiles only: the unpacking strategy is the tl.dot
@@ -111,7 +166,7 @@ def test_lowrank_kernel_every_bit_width(bits: int, dtype: torch.dtype, strategy:
     add_lowrank_delta_reference(want, x, meta, projections, G)
     with forced_unpack(strategy):
         add_lowrank_delta_triton(got, x, meta, projections, G)
-    _assert_close(got, want, y0, rows, seed)
+    _assert_close(got, want, y0, rows, seed, lowrank=True)
 
 
 def test_shrink_intermediate_is_fp32_and_matches(gen, unpack) -> None:
@@ -344,6 +399,30 @@ def test_two_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatc
     assert kinds([-1, 0, -1]) == (True, False, 1)
     assert kinds(list(range(2 * many))) == (True, False, 1)  # many tiles, none of two rows
     assert kinds([-1, -1]) == (False, False, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_path_on_cuda(dtype: torch.dtype, gen) -> None:
+    """The dense path's GEMMs on CUDA (half-precision operands, fp32 results) against the reference: the delta of
+    the rows with a slot to 4 ulps of the dtype (on the GPU the tl.dot kernels' tf32 expand misses _assert_close's
+    one-ulp bound as well), base rows untouched."""
+    _, seed = gen
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    rows = ROW_CASES["long_segment_dense"]
+    projections = _projections(g, group_size=128)
+    x = torch.randn(len(rows), D_IN, device="cuda", generator=g).to(dtype)
+    y0 = (torch.randn(len(rows), sum(D_OUTS), device="cuda", generator=g) * 4).to(dtype)
+    meta = SlotMetadata.from_host(rows, S, torch.device("cuda"))
+    want, got = y0.clone(), y0.clone()
+    add_lowrank_delta_reference(want, x, meta, projections, 128)
+    add_lowrank_delta(got, x, meta, projections, 128)
+    base = torch.tensor([s < 0 for s in rows], device="cuda")
+    assert torch.equal(got[base], y0[base]), f"seed {seed}: base rows changed"
+    delta_got, delta_want = (got.float() - y0.float())[~base], (want.float() - y0.float())[~base]
+    rel = ((delta_got - delta_want).norm() / delta_want.norm()).item()
+    assert rel <= 4 * ULP[dtype], f"seed {seed}: delta off by {rel:.2e} (dtype {dtype})"
 
 
 @pytest.mark.gpu
