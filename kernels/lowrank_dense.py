@@ -59,7 +59,7 @@ def _dequantize_kernel(v_ptr, u_ptr, tiers_ptr, slot, d_in, group_size, stride_v
                         BLOCK_R, BLOCK_D, UNPACK_PLANES)  # [R, D] 2 * (code - centre), columns in order
     scale = 0.5 * tl.load(scales + offs_r * n_groups + d0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
     s_ptr = tl.load(desc + T_S).to(tl.pointer_type(tl.float32))
-    s = tl.load(s_ptr + slot.to(tl.int64) * tl.load(desc + T_RANK_CAP) + offs_r, mask=r_mask, other=0.0)
+    s = tl.load(s_ptr + slot.to(tl.int64) * rank_cap + offs_r, mask=r_mask, other=0.0)
     scale *= tl.where(is_u, 1.0, s)  # V's rows carry s
     value = tl.where(r_mask[:, None], q2 * scale[:, None], 0.0)  # ranks past the slot's: exact zeros
     rows = (tl.load(desc + T_DENSE_ROW).to(tl.int32) + offs_r)[:, None]

@@ -55,32 +55,34 @@ def tier_factor(desc, slot, d, group_size, PLANES: tl.constexpr, SCALES: tl.cons
     return rank, nbits, planes, rank_cap * n_words, scales, n_words, n_groups
 
 
-def dense_rows(projections: list[LowRankProjection]) -> tuple[list[list[int]], list[tuple[int, int]], int]:
-    """The dense path's factor layout: first row of each tier (per projection), each projection's [start, end)
-    rows, and the row count. Like z_columns, but every projection starts at a multiple of DENSE_ALIGN: cuBLAS
-    takes its slow pre-Hopper GEMMs for operands whose leading dimension is not a multiple of 8 (the profile of
-    a 941-rank delta on the H100: a sm75 kernel at 80 TFLOP/s)."""
-    rows, spans, width = [], [], 0
+def tier_offsets(projections: list[LowRankProjection], align: int = 1
+                 ) -> tuple[list[list[int]], list[tuple[int, int]], int]:
+    """Where each tier's ranks start in a layout of all projections' ranks one after another (per projection),
+    each projection's [start, end), and the total: tier t of a projection owns rank_cap entries, and every
+    projection starts at a multiple of `align`."""
+    offsets, spans, width = [], [], 0
     for p in projections:
         start = width
-        rows.append([])
+        offsets.append([])
         for t in p.tiers:
-            rows[-1].append(width)
+            offsets[-1].append(width)
             width += t.rank_cap
-        width = -(-width // DENSE_ALIGN) * DENSE_ALIGN
+        width = -(-width // align) * align
         spans.append((start, width))
-    return rows, spans, width
+    return offsets, spans, width
 
 
 def z_columns(projections: list[LowRankProjection]) -> tuple[list[list[int]], int]:
-    """First z column of each tier (per projection) and z's width; tier t of a projection owns rank_cap columns."""
-    cols, width = [], 0
-    for p in projections:
-        cols.append([])
-        for t in p.tiers:
-            cols[-1].append(width)
-            width += t.rank_cap
+    """First z column of each tier (per projection) and z's width."""
+    cols, _, width = tier_offsets(projections)
     return cols, width
+
+
+def dense_rows(projections: list[LowRankProjection]) -> tuple[list[list[int]], list[tuple[int, int]], int]:
+    """The dense path's factor layout (lowrank_dense): tier_offsets with every projection starting at a multiple
+    of DENSE_ALIGN: cuBLAS takes its slow pre-Hopper GEMMs for operands whose leading dimension is not a
+    multiple of 8 (the profile of a 941-rank delta on the H100: a sm75 kernel at 80 TFLOP/s)."""
+    return tier_offsets(projections, DENSE_ALIGN)
 
 
 @dataclass(frozen=True)

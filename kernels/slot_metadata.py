@@ -109,8 +109,8 @@ class SlotMetadata:
             raise ValueError(f"other's rows need {other.tile_kinds()}, self's launch {self.tile_kinds()}: a graph "
                              f"captured with self would run the wrong kernels")
         self._flat.copy_(other._flat, non_blocking=True)
-        self.seg_lens_host, self.seg_slots_host, self.seg_starts_host = (
-            other.seg_lens_host, other.seg_slots_host, other.seg_starts_host)
+        self.seg_lens_host, self.seg_slots_host, self.seg_starts_host, self.row_slots_host = (
+            other.seg_lens_host, other.seg_slots_host, other.seg_starts_host, other.row_slots_host)
         # Tiles of any other height were cut for the old rows (only the references ask for them).
         self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
 
