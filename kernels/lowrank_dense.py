@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .bitplanes import UNPACK_PLANES, unpack_centred
+from .bitplanes import UNPACK_NAMES, tile_offsets, unpack_centred
 from .lowrank_plan import (T_D_OUT, T_DENSE_ROW, T_RANK_CAP, T_S, T_U_PLANES, T_U_SCALES, T_V_PLANES, T_V_SCALES,
                            TIER_COLS, LowRankPlan, dense_rows, tier_factor)
 from .slots import LowRankProjection
@@ -30,12 +30,15 @@ from .slots import LowRankProjection
 # 4096 -> 4096) dequantizing one tenant costs ~45 us and the kernels ~29 us per 64 rows: dense was 4.7x faster
 # at 2048 rows, 2.5x at 512 and 1.7x slower at 128.
 DENSE_MIN_ROWS = 256
-BLOCK_R = 32
+# The dequantize kernel's launch: ranks a program, bit-plane unpacking (kernels/bitplanes.py), warps. The fastest
+# of bench/dequant_variants.py's candidates on the H100 (bench/results/dequant_variants.md): 1.5-1.7x faster than
+# 32 ranks and 4 warps, 30-40% of copy bandwidth on the bytes it moves.
+DEQUANT_CONFIG = {"BLOCK_R": 16, "UNPACK": UNPACK_NAMES.index("planes"), "num_warps": 2}
 
 
 @triton.jit(do_not_specialize=["slot"])
 def _dequantize_kernel(v_ptr, u_ptr, tiers_ptr, slot, d_in, group_size, stride_v, stride_u,
-                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, UNPACK: tl.constexpr):
     """Grid (tier, rank block, 2 x column block): the first half of axis 2 writes V's columns, the second U's."""
     tier, pid_r = tl.program_id(0), tl.program_id(1)
     n_d = tl.num_programs(2) // 2
@@ -56,14 +59,14 @@ def _dequantize_kernel(v_ptr, u_ptr, tiers_ptr, slot, d_in, group_size, stride_v
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     q2 = unpack_centred(planes, plane_stride, n_words, offs_r, r_mask, d0 // 32, n_words, nbits, tl.float32,
-                        BLOCK_R, BLOCK_D, UNPACK_PLANES)  # [R, D] 2 * (code - centre), columns in order
+                        BLOCK_R, BLOCK_D, UNPACK)  # [R, D] 2 * (code - centre) of columns d0 + tile_offsets
     scale = 0.5 * tl.load(scales + offs_r * n_groups + d0 // group_size, mask=r_mask, other=0.0).to(tl.float32)
     s_ptr = tl.load(desc + T_S).to(tl.pointer_type(tl.float32))
     s = tl.load(s_ptr + slot.to(tl.int64) * rank_cap + offs_r, mask=r_mask, other=0.0)
     scale *= tl.where(is_u, 1.0, s)  # V's rows carry s
     value = tl.where(r_mask[:, None], q2 * scale[:, None], 0.0)  # ranks past the slot's: exact zeros
     rows = (tl.load(desc + T_DENSE_ROW).to(tl.int32) + offs_r)[:, None]
-    offs_d = d0 + tl.arange(0, BLOCK_D)
+    offs_d = d0 + tile_offsets(BLOCK_D, UNPACK)
     mask = (offs_r < rank_cap)[:, None] & (offs_d < d)[None, :]
     if is_u:
         tl.store(u_ptr + rows * stride_u + offs_d[None, :], value.to(u_ptr.dtype.element_ty), mask=mask)
@@ -80,10 +83,10 @@ def dequantized_factors(plan: LowRankPlan, slot: int, d_in: int, group_size: int
     v = torch.zeros(plan.dense_width, d_in, dtype=dtype, device=device)
     u = torch.zeros(plan.dense_width, plan.max_d_out, dtype=dtype, device=device)
     block_d = min(128, group_size & -group_size)  # a column tile inside one scale group
-    grid = (plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, BLOCK_R),
+    grid = (plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, DEQUANT_CONFIG["BLOCK_R"]),
             2 * triton.cdiv(max(d_in, plan.max_d_out), block_d))
-    _dequantize_kernel[grid](v, u, plan.tiers, slot, d_in, group_size, v.stride(0), u.stride(0),
-                             BLOCK_R=BLOCK_R, BLOCK_D=block_d)
+    _dequantize_kernel[grid](v, u, plan.tiers, slot, d_in, group_size, v.stride(0), u.stride(0), BLOCK_D=block_d,
+                             **DEQUANT_CONFIG)
     return v, u
 
 

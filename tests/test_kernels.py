@@ -15,7 +15,7 @@ from deltaserve.delta_store.packing import dequantize, pack_bitplanes, quantize_
 from deltaserve.kernels.bitplanes import UNPACK_NAMES
 from deltaserve.kernels import LowRankProjection, PackedTierSlots, SlotMetadata, add_lowrank_delta, add_sign_delta
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
-from deltaserve.kernels import lowrank_delta
+from deltaserve.kernels import lowrank_delta, lowrank_dense
 from deltaserve.kernels.lowrank_dense import dequantized_factors, dequantized_factors_reference
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
@@ -132,9 +132,11 @@ def test_long_segments_split_off_for_the_dense_path() -> None:
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, *DTYPES), ids=str)
-def test_dequantized_factors_match_reference(dtype: torch.dtype, gen) -> None:
+@pytest.mark.parametrize("strategy", UNPACK_NAMES)
+def test_dequantized_factors_match_reference(dtype: torch.dtype, strategy: str, gen, monkeypatch) -> None:
     """Every element the dense path reads: V whole, U's columns of each projection; rows past a slot's rank 0."""
     g, seed = gen
+    monkeypatch.setitem(lowrank_dense.DEQUANT_CONFIG, "UNPACK", UNPACK_NAMES.index(strategy))
     projections = _projections(g)
     plan = lowrank_plan_for(projections)
     for slot in range(S):
