@@ -16,6 +16,7 @@ from store_deltas import make_delta
 
 from deltaserve.delta_store.format import load_delta
 from deltaserve.engine import AsyncEngine, EngineConfig, SamplingParams
+from deltaserve.server import disconnect
 from deltaserve.server.prompting import chat_prompt_ids, completion_prompt_ids
 from deltaserve.server.schemas import ChatMessage
 
@@ -233,8 +234,12 @@ def _wait_until_idle_and_counted(server, engine, *expected: str) -> None:
         time.sleep(0.05)
 
 
-def test_disconnect_mid_stream_aborts(served):
+def test_disconnect_mid_stream_aborts(served, monkeypatch):
     server, keys = served
+    # The whole answer below must outlast the server's noticing the client gone (a read timeout, then one poll):
+    # 240 tokens of the tiny model take well under a second on a fast machine, which at the default 0.5 s poll
+    # let the answer finish first and fail this test now and then (seen in a fresh-clone run of .ci/run).
+    monkeypatch.setattr(disconnect, "POLL_SECONDS", 0.05)
     engine = server.state.engine
     body = {"model": "beta", "prompt": PROMPT, "max_tokens": 240, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -249,7 +254,7 @@ def test_disconnect_mid_stream_aborts(served):
 
     # A whole answer has nothing to send until the end: the server polls the connection meanwhile.
     with server.http(keys["beta"]) as http, pytest.raises(httpx.ReadTimeout):
-        http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.5))
+        http.post("/v1/completions", json={**body, "stream": False}, timeout=httpx.Timeout(10, read=0.2))
     _wait_until_idle_and_counted(server, engine,
                        'deltaserve_sequences_finished_total{finish_reason="abort",tenant="beta"} 2.0',
                        'deltaserve_request_errors_total{status="499",tenant="beta"} 1.0')
