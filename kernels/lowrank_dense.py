@@ -27,8 +27,8 @@ from .lowrank_plan import (T_D_OUT, T_DENSE_ROW, T_RANK_CAP, T_S, T_U_PLANES, T_
 from .slots import LowRankProjection
 
 # Rows of one tenant in one call from which the dense path replaces the kernels. On the H100 (kernel_bench,
-# 4096 -> 4096) dequantizing one tenant costs ~45 us and the kernels ~29 us per 64 rows: dense was 4.7x faster
-# at 2048 rows, 2.5x at 512 and 1.7x slower at 128.
+# 4096 -> 4096; bench/results/kernel_ab_dense_path.md) the dense path is 5.1x faster at 2048 rows, 3.1x at 512,
+# and 3% at 128 (break-even: not worth its coarser bf16 rounding there).
 DENSE_MIN_ROWS = 256
 # The dequantize kernel's launch: ranks a program, bit-plane unpacking (kernels/bitplanes.py), warps. The fastest
 # of bench/dequant_variants.py's candidates on the H100 (bench/results/dequant_variants.md): 1.5-1.7x faster than
