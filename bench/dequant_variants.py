@@ -52,7 +52,8 @@ def main() -> None:
              "`python bench/dequant_variants.py`: dequantized_factors for one tenant, CUDA graph replay, L2 "
              f"flushed; bytes = fp16 factors written twice (zeros, then values) + packed codes read; copy "
              f"bandwidth {bw:.0f} GB/s.", "",
-             "| shape | dtype | BLOCK_R | UNPACK | warps | us | GB/s | of copy BW |", "|---|---|---:|---|---:|---:|---:|---:|"]
+             "| shape | dtype | BLOCK_R | UNPACK | warps | us | GB/s | of copy BW |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['shape']} | {r['dtype']} | {r['block_r']} | {r['unpack']} | {r['num_warps']} | {r['us']:.1f} | "
               f"{r['gbs']:.0f} | {r['frac_copy_bw']:.0%} |" for r in rows]
     (args.out / "dequant_variants.md").write_text("\n".join(lines) + "\n")

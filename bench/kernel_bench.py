@@ -177,7 +177,8 @@ def bench_shape(name: str, g: torch.Generator, bw: float, quick: bool) -> list[d
             t_dense = ms(lambda: dense_path(y, x, groups, dense), quick)
             io = 2 * B * (w.d_in + 2 * sum(w.d_outs))  # x read, y read and written (fp16)
             moved = T * w.slot_bytes + io
-            row = dict(shape=name, batch=B, tenants=T, path=path, kernel_us=t_kernel * 1e3, kernel_eager_us=t_eager * 1e3,
+            row = dict(shape=name, batch=B, tenants=T, path=path, kernel_us=t_kernel * 1e3,
+                       kernel_eager_us=t_eager * 1e3,
                        shrink_us=t_shrink * 1e3, expand_us=t_expand * 1e3, bytes_moved=moved,
                        achieved_gbs=moved / t_kernel / 1e6, frac_copy_bw=moved / (t_kernel * 1e-3) / bw,
                        sign_us=t_sign * 1e3, sign_frac_copy_bw=(T * w.sign_slot_bytes + io) / (t_sign * 1e-3) / bw,

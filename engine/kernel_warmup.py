@@ -7,8 +7,8 @@ short prefill took a new row-tile height). Like vLLM's start-up dummy runs with 
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
 variant, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
-state is touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels on disk, so a restart on the same machine
-loads them in milliseconds.
+state is touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels
+on disk, so a restart on the same machine loads them in milliseconds.
 """
 from __future__ import annotations
 

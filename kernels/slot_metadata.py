@@ -114,7 +114,7 @@ class SlotMetadata:
         # Tiles of any other height were cut for the old rows (only the references ask for them).
         self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
 
-    def split_long(self, min_rows: int) -> tuple[SlotMetadata | None, list[tuple[int, torch.Tensor]]]:
+    def split_long(self, min_rows: int) -> tuple[SlotMetadata | None, list[tuple[int, slice | torch.Tensor]]]:
         """(Metadata of the rows outside segments of min_rows or more rows, None if no row with a slot is left;
         each such segment as (slot, its rows: see _segment_rows)): what lowrank_dense takes and what is left to
         the kernels. Static metadata keeps every row (a captured graph's launches are fixed). Worked out once per
