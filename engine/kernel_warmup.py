@@ -57,9 +57,9 @@ Call = tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]   # see _calls; y is
 
 def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator) -> list[Call]:
     """(tl.dot tile height or 0 for decode tiles, x, y, rows) of every warm-up call: one tenant's DOT_ROWS rows,
-    and one row on each of n slots for every n of decode_variants."""
-    row_slots = [(block_m_for(n), [0] * n) for n in DOT_ROWS] + [(0, list(range(n)))
-                                                                   for n in decode_variants(GROUP_SIZE)]
+    and `rows` rows on each of n slots for every (n, rows) of decode_variants."""
+    row_slots = [(block_m_for(n), [0] * n) for n in DOT_ROWS] + [
+        (0, [slot for slot in range(n) for _ in range(rows)]) for n, rows in decode_variants(GROUP_SIZE)]
     calls = []
     for block_m, slots in row_slots:
         x = torch.randn(len(slots), d_in, generator=g, device=g.device).to(dtype)

@@ -7,44 +7,51 @@ bandwidth). Here a thread keeps each 32-bit plane word whole and walks its 32 bi
 compile time: one bit test and one predicated add per bit (ptxas emits LOP3.P + @P FADD, SASS checked with
 triton 3.6 for sm_90), with no shared memory at all. Codes are never built: sum_k code_k x_k is
 sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per word through the sum of x.
+Rows of one tile can share the bit test (one LOP3.P, then a predicated add per row): both helpers take a leading
+row axis.
 """
 import torch
 import triton
 import triton.language as tl
 
 @triton.jit
-def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_row, k_begin, k_end, scale_ptrs,
+def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows, x_ok, k_begin, k_end, scale_ptrs,
                        group_size, BLOCK_K: tl.constexpr):
-    """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x[k] * scale[k // group_size], fp32 [R],
-    for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p at
-    + p * plane_stride; n_words words a row) and x_row (fp16/bf16/fp32, padded to whole words, see
-    padded_to_words). scale_ptrs [R] points at each row's fp16 group scales, or is None (no scales). k_begin and
-    the tile BLOCK_K are multiples of 32, and of group_size when scaled. nbits >= 1; masked rows give 0."""
-    acc = tl.zeros(rows_ptrs.shape, dtype=tl.float32)
+    """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x_i[k] * scale[k // group_size], fp32
+    [X, R], for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p
+    at + p * plane_stride; n_words words a row) and the X activation rows at x_rows [X] (fp16/bf16/fp32, padded
+    to whole words, see padded_to_words; rows where x_ok is False read as 0). scale_ptrs [R] points at each row's
+    fp16 group scales, or is None (no scales). k_begin and the tile BLOCK_K are multiples of 32, and of
+    group_size when scaled. nbits >= 1; masked rows give 0.
+    The X activation rows share each bit test: one LOP3 sets the predicate, then X predicated adds (a thread
+    holds all X sums of its words), so a tile of X rows costs 1 + X instructions a bit, not 2 X."""
+    acc = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0]), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-        x_mask = words < n_words
+        x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
         w_ptrs = rows_ptrs[:, None] + words[None, :]
-        w_mask = row_mask[:, None] & x_mask[None, :]
-        x_ptrs = x_row + words * 32
-        scale = 1.0
+        w_mask = row_mask[:, None] & (words < n_words)[None, :]
+        x_ptrs = x_rows[:, None] + words[None, :] * 32
+        scale = tl.full(rows_ptrs.shape, 1.0, tl.float32)
         if scale_ptrs is not None:  # loaded first, to be in flight during the bit loop
             scale = tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)
         # The sum of x through one vector load: the bit loop's 32 scalar loads a tile are hoisted out of the
         # plane loop but never merged with another loop's, and each costs a load and a conversion.
-        xs = tl.load(x_ptrs[:, None] + tl.arange(0, 32)[None, :], mask=x_mask[:, None], other=0.0)
-        xsum = tl.sum(xs.to(tl.float32), axis=1)
-        codes_x = tl.zeros(w_ptrs.shape, dtype=tl.float32)  # sum_k code_k x_k per word
+        xs = tl.load(x_ptrs[:, :, None] + tl.arange(0, 32)[None, None, :], mask=x_mask[:, :, None], other=0.0)
+        xsum = tl.sum(xs.to(tl.float32), axis=2)  # [X, NW]
+        codes_x = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)  # per word
         weight = 1.0  # 2^p
         for p in range(0, nbits):
             w = tl.load(w_ptrs + p * plane_stride, mask=w_mask, other=0)
-            plane_x = tl.zeros(w_ptrs.shape, dtype=tl.float32)
+            plane_x = tl.zeros(codes_x.shape, dtype=tl.float32)
             for j in tl.static_range(32):
                 xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
-                plane_x = tl.where(((w >> j) & 1) != 0, plane_x + xj[None, :], plane_x)  # a predicated add
+                bit = ((w >> j) & 1) != 0
+                plane_x = tl.where(bit[None, :, :], plane_x + xj[:, None, :], plane_x)  # predicated adds
             codes_x += plane_x * weight
             weight *= 2.0
-        acc += tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[None, :], axis=1) * scale  # weight - 1 = 2^nbits - 1
+        # weight - 1 = 2^nbits - 1
+        acc += tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[:, None, :], axis=2) * scale[None, :]
     return acc
 
 
@@ -57,7 +64,9 @@ def padded_to_words(x: torch.Tensor) -> torch.Tensor:
 
 @triton.jit
 def add_at_set_bits(acc, words, zs):
-    """acc [32, NW] fp32 plus zs [NW] where the bit is set: acc[j, w] += zs[w] if bit j of words[w] is 1. The
-    bit index is the first axis so that a thread holds all 32 bits of its words (a word per lane, loaded once)."""
+    """acc [X, 32, NW] fp32 plus zs [X, NW] where the bit is set: acc[i, j, w] += zs[i, w] if bit j of words[w]
+    is 1. The bit index comes before the word so that a thread holds all 32 bits of its words (a word per lane,
+    loaded once) for all X rows, which share each bit test."""
     jr = tl.arange(0, 32)
-    return tl.where(((words[None, :] >> jr[:, None]) & 1) != 0, acc + zs[None, :], acc)
+    bit = ((words[None, :] >> jr[:, None]) & 1) != 0
+    return tl.where(bit[None, :, :], acc + zs[:, None, :], acc)

@@ -17,7 +17,7 @@ from .bitplanes import tile_offsets, unpack_centred
 from .bitserial import add_at_set_bits
 from .lowrank_plan import (P_D_OUT, P_OUT_OFFSET, P_TIER_BEGIN, P_TIER_END, PROJ_COLS, T_U_PLANES, T_U_SCALES,
                            T_Z_COL, TIER_COLS, LowRankPlan, tier_factor, z_columns)
-from .segment_tiles import segment_tile_rows, tile_row_count
+from .segment_tiles import decode_tile_rows, segment_tile_rows, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import LaunchConfig, decode_config, launch_config, work_bucket
@@ -66,19 +66,19 @@ def _expand_kernel(
                                 tl.float32, BLOCK_R, BLOCK_N, UNPACK)  # [R, N] 2 * (code - centre)
             acc += tl.dot(zt * (0.5 * scale)[None, :], q2)
     out = ws_ptr + rows[:, None] * stride_wm + (tl.load(pdesc + P_OUT_OFFSET) + offs_n)[None, :]
-    tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :])
+    tl.atomic_add(out, acc, mask=m_mask[:, None] & (offs_n < d_out)[None, :], sem="relaxed")
 
 
 @triton.jit
-def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_row, r, p, live):
-    """Plane p's words of rank r ([NW] int32), and zs = z * scale / 2 per word when p is 0 (the codes are
-    doubled: 2 * code - (2^nbits - 1)), else 0; nothing is read unless live."""
+def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok, r, p, live):
+    """Plane p's words of rank r ([NW] int32), and zs = z * scale / 2 per row and word ([ROWS, NW]) when p is 0
+    (the codes are doubled: 2 * code - (2^nbits - 1)), else 0; nothing is read unless live."""
     # tl.where, not w_mask & live: Triton 3.6's interpreter rejects a vector mask and-ed with a scalar.
     w = tl.load(planes + p * plane_stride + r * n_words + words, mask=tl.where(live, w_mask, False), other=0)
     first = live & (p == 0)
-    zs = tl.load(z_row + r, mask=first, other=0.0) * 0.5 * tl.load(
-        scales + r * n_groups + groups, mask=tl.where(first, w_mask, False), other=0.0).to(tl.float32)
-    return w, zs
+    z = tl.load(z_rows + r, mask=tl.where(first, row_ok, False), other=0.0)  # [ROWS]
+    scale = tl.load(scales + r * n_groups + groups, mask=tl.where(first, w_mask, False), other=0.0).to(tl.float32)
+    return w, z[:, None] * 0.5 * scale[None, :]
 
 
 @triton.jit(do_not_specialize=["stride_zm"])
@@ -89,8 +89,9 @@ def _expand_decode_kernel(
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
-    program holds BLOCK_N outputs of one row in registers and walks ranks split, split + SPLIT_R, ...: for each
-    rank and plane, one word per 32 outputs, z times the group scale added where a bit is set."""
+    program holds BLOCK_N outputs of its rows in registers and walks ranks split, split + SPLIT_R, ...: for each
+    rank and plane, one word per 32 outputs, each row's z times the group scale added where a bit is set (the
+    rows share the bit test)."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_R, tl.program_id(1), tl.program_id(2)
     split = tl.program_id(0) % SPLIT_R
     pdesc = projs_ptr + proj * PROJ_COLS
@@ -105,46 +106,45 @@ def _expand_decode_kernel(
     if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     slot = tl.load(seg_slots_ptr + seg)
-    words = n0 // 32 + tl.arange(0, BLOCK_N // 32)  # acc [32, NW]: bit j of word w is output 32 w + j
-    first = tl.load(blk_start_ptr + pid_m)
-    for i in range(0, n_rows):
-        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
-        acc = tl.zeros((32, BLOCK_N // 32), dtype=tl.float32)  # sum over ranks of 2 zs * code
-        centre = tl.zeros((BLOCK_N // 32,), dtype=tl.float32)  # sum over ranks of zs * (2^nbits - 1)
-        for tier in range(tl.load(pdesc + P_TIER_BEGIN).to(tl.int32), tl.load(pdesc + P_TIER_END).to(tl.int32)):
-            desc = tiers_ptr + tier * TIER_COLS
-            rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(
-                desc, slot, d_out, group_size, T_U_PLANES, T_U_SCALES)
-            w_mask = words < n_words
-            groups = words * 32 // group_size
-            z_row = z_ptr + row * stride_zm + tl.load(desc + T_Z_COL).to(tl.int32)
-            odd = ((1 << nbits) - 1).to(tl.float32)
-            # One loop over this program's (rank, plane) words, each loaded an iteration ahead: a thread has a
-            # load in flight while it adds the last one's bits. At small batches the grid is a few warps an SM,
-            # and waiting on each word in turn left the kernel bound by memory latency, not bandwidth (ptxas
-            # sinks a second load of the same iteration below the first one's adds, so only a loop-carried
-            # load stays ahead).
-            n_words_mine = tl.cdiv(tl.maximum(rank - split, 0), SPLIT_R) * nbits
-            w, zs = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_row,
-                                 split, 0, n_words_mine > 0)
-            centre += zs * odd
-            step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
-            r, p = split, 0  # the word in w
-            for it in range(1, n_words_mine + 1):
-                p += 1
-                r = tl.where(p == nbits, r + SPLIT_R, r)  # counters, not it // nbits: a division is ~20 instructions
-                p = tl.where(p == nbits, 0, p)
-                w_next, zs_next = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups,
-                                               groups, z_row, r, p, it < n_words_mine)
-                acc = add_at_set_bits(acc, w, step)
-                centre += zs_next * odd  # zs_next is 0 unless the next word starts a rank
-                step = tl.where(p == 0, 2.0 * zs_next, 2.0 * step)
-                w = w_next
-        # Output n0 + 32 w + j in order: the atomic adds of a warp then hit contiguous addresses (in acc's
-        # layout each lane's 32 outputs were one word apart, a cache line per lane).
-        out_n = n0 + tl.arange(0, BLOCK_N)
-        tl.atomic_add(ws_ptr + row * stride_wm + tl.load(pdesc + P_OUT_OFFSET) + out_n,
-                      tl.reshape(tl.trans(acc - centre[None, :]), (BLOCK_N,)), mask=out_n < d_out)
+    words = n0 // 32 + tl.arange(0, BLOCK_N // 32)  # acc [ROWS, 32, NW]: bit j of word w is output 32 w + j
+    rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
+    acc = tl.zeros((DECODE_ROWS, 32, BLOCK_N // 32), dtype=tl.float32)  # sum over ranks of 2 zs * code
+    centre = tl.zeros((DECODE_ROWS, BLOCK_N // 32), dtype=tl.float32)  # sum over ranks of zs * (2^nbits - 1)
+    for tier in range(tl.load(pdesc + P_TIER_BEGIN).to(tl.int32), tl.load(pdesc + P_TIER_END).to(tl.int32)):
+        desc = tiers_ptr + tier * TIER_COLS
+        rank, nbits, planes, plane_stride, scales, n_words, n_groups = tier_factor(
+            desc, slot, d_out, group_size, T_U_PLANES, T_U_SCALES)
+        w_mask = words < n_words
+        groups = words * 32 // group_size
+        z_rows = z_ptr + rows * stride_zm + tl.load(desc + T_Z_COL).to(tl.int32)
+        odd = ((1 << nbits) - 1).to(tl.float32)
+        # One loop over this program's (rank, plane) words, each loaded an iteration ahead: a thread has a
+        # load in flight while it adds the last one's bits. At small batches the grid is a few warps an SM,
+        # and waiting on each word in turn left the kernel bound by memory latency, not bandwidth (ptxas
+        # sinks a second load of the same iteration below the first one's adds, so only a loop-carried
+        # load stays ahead).
+        n_words_mine = tl.cdiv(tl.maximum(rank - split, 0), SPLIT_R) * nbits
+        w, zs = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok,
+                             split, 0, n_words_mine > 0)
+        centre += zs * odd
+        step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
+        r, p = split, 0  # the word in w
+        for it in range(1, n_words_mine + 1):
+            p += 1
+            r = tl.where(p == nbits, r + SPLIT_R, r)  # counters, not it // nbits: a division is ~20 instructions
+            p = tl.where(p == nbits, 0, p)
+            w_next, zs_next = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups,
+                                           z_rows, row_ok, r, p, it < n_words_mine)
+            acc = add_at_set_bits(acc, w, step)
+            centre += zs_next * odd  # zs_next is 0 unless the next word starts a rank
+            step = tl.where(p == 0, 2.0 * zs_next, 2.0 * step)
+            w = w_next
+    # Output n0 + 32 w + j in order: the atomic adds of a warp then hit contiguous addresses (in acc's layout each
+    # lane's 32 outputs were one word apart, a cache line per lane).
+    out_n = n0 + tl.arange(0, BLOCK_N)
+    tl.atomic_add(ws_ptr + rows[:, None] * stride_wm + tl.load(pdesc + P_OUT_OFFSET) + out_n[None, :],
+                  tl.reshape(tl.permute(acc - centre[:, None, :], (0, 2, 1)), (DECODE_ROWS, BLOCK_N)),
+                  mask=row_ok[:, None] & (out_n < d_out)[None, :], sem="relaxed")
 
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
@@ -166,7 +166,7 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         grid = (blk_seg.shape[0] * split_r, triton.cdiv(plan.max_d_out, block_n), plan.projections.shape[0])
         _expand_kernel[grid](*args, BLOCK_M=block_m, DECODE_ROWS=decode_rows, **config.launch_kwargs("expand"))
     if decode:
-        d = decode_config("expand", work, group_size)
+        d = decode_config("expand", work, group_size, decode_rows)
         grid = (blk_seg.shape[0] * d["SPLIT_R"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), plan.projections.shape[0])
         _expand_decode_kernel[grid](*args, BLOCK_M=block_m, DECODE_ROWS=decode_rows, **d)
     add_workspace(y, ws)

@@ -73,7 +73,7 @@ def _shrink_kernel(
     s = _tier_slot_s(desc, slot, offs_r, r_mask)
     z_col = tl.load(desc + T_Z_COL).to(tl.int32)
     tl.atomic_add(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * s[None, :],
-                  mask=m_mask[:, None] & r_mask[None, :])
+                  mask=m_mask[:, None] & r_mask[None, :], sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["stride_zm"])
@@ -84,8 +84,11 @@ def _shrink_decode_kernel(
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py),
-    one pass over the slot's words per row (the later rows read them from L1/L2)."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py), one
+    pass over the slot's words per row (the later rows read them from L1/L2). Unlike the expand and sign decode
+    kernels, the rows do not share one pass: a thread here holds 32 x values a row, and two rows' worth took
+    148 registers instead of 80, which halved the programs an SM holds and made the shrink ~18% slower than two
+    passes (bench/results/decode_rows_sweep_shared_shrink.md)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:
@@ -106,12 +109,13 @@ def _shrink_decode_kernel(
     s = _tier_slot_s(desc, slot, offs_r, r_mask)
     z_col = tl.load(desc + T_Z_COL).to(tl.int32)
     first = tl.load(blk_start_ptr + pid_m)
-    for i in range(0, n_rows):
-        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
+    for i in range(0, n_rows):  # one row at a time: see the docstring
+        row = tl.load(sorted_rows_ptr + first + i + tl.zeros((1,), dtype=tl.int32)).to(tl.int64)  # [1]
         acc = centred_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
-                                 x_ptr + row * stride_xm, k_begin, k_end, scales + offs_r * n_groups, group_size,
-                                 BLOCK_K)  # [R] 2 * (code - centre) . x * scale
-        tl.atomic_add(z_ptr + row * stride_zm + z_col + offs_r, acc * (0.5 * s), mask=r_mask)
+                                 x_ptr + row * stride_xm, row >= 0, k_begin, k_end, scales + offs_r * n_groups,
+                                 group_size, BLOCK_K)  # [1, R] 2 * (code - centre) . x * scale
+        tl.atomic_add(z_ptr + row[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * (0.5 * s)[None, :],
+                      mask=r_mask[None, :], sem="relaxed")
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,

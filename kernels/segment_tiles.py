@@ -29,3 +29,12 @@ def tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOC
     tiles between them by it."""
     seg_end = tl.load(seg_starts_ptr + seg) + tl.load(seg_lens_ptr + seg)
     return tl.minimum(seg_end - tl.load(blk_start_ptr + pid_m), BLOCK_M)
+
+
+@triton.jit
+def decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS: tl.constexpr):
+    """Rows (int64 [DECODE_ROWS], 0 where masked) and their mask of a decode kernel's row tile pid_m, which holds
+    n_rows <= DECODE_ROWS rows."""
+    offs = tl.arange(0, DECODE_ROWS)
+    ok = offs < n_rows
+    return tl.load(sorted_rows_ptr + tl.load(blk_start_ptr + pid_m) + offs, mask=ok, other=0).to(tl.int64), ok

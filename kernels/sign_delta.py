@@ -17,7 +17,7 @@ from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
 from .bitserial import centred_range_dots, padded_to_words
-from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
+from .segment_tiles import decode_tile_rows, segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
@@ -74,7 +74,7 @@ def _sign_kernel(
                               DOT_DTYPE, BLOCK_N, BLOCK_K, UNPACK)  # [N, K] 2 * bit - 1
         acc += tl.dot(xt.to(DOT_DTYPE), tl.trans(sign))
     out = ws_ptr + rows[:, None] * stride_wm + (out_offset + offs_n)[None, :]
-    tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :])
+    tl.atomic_add(out, acc * scale, mask=m_mask[:, None] & n_mask[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -85,7 +85,8 @@ def _sign_decode_kernel(
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py)."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py), one
+    pass over the sign words for all rows of the tile."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
         projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
@@ -95,12 +96,11 @@ def _sign_decode_kernel(
     if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
-    first = tl.load(blk_start_ptr + pid_m)
-    for i in range(0, n_rows):
-        row = tl.load(sorted_rows_ptr + first + i).to(tl.int64)
-        acc = centred_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, x_ptr + row * stride_xm, k_begin,
-                                 k_end, None, 0, BLOCK_K)  # [N] (2 bit - 1) . x
-        tl.atomic_add(ws_ptr + row * stride_wm + out_offset + offs_n, acc * scale, mask=n_mask)
+    rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
+    acc = centred_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, x_ptr + rows * stride_xm, row_ok,
+                             k_begin, k_end, None, 0, BLOCK_K)  # [ROWS, N] (2 bit - 1) . x
+    tl.atomic_add(ws_ptr + rows[:, None] * stride_wm + (out_offset + offs_n)[None, :], acc * scale,
+                  mask=row_ok[:, None] & n_mask[None, :], sem="relaxed")
 
 
 @triton.jit

@@ -20,7 +20,7 @@ class TileKinds(NamedTuple):
 
     decode: bool      # some tile has at most decode_rows rows
     dot: bool         # some tile is taller: the tl.dot kernels
-    decode_rows: int  # tuning.decode_rows of the step's tile count; the kernels' DECODE_ROWS
+    decode_rows: int  # tuning.decode_rows of the step's tile heights; the kernels' DECODE_ROWS
 
 
 @dataclass(eq=False)
@@ -167,10 +167,7 @@ class SlotMetadata:
         if self._kinds is None:  # asked by every delta call of a step: worked out once
             block_m = self.tile_height
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-            # Without a two-row tile, DECODE_ROWS = 1 whatever the tile count: the decode kernels compiled for
-            # one row per tile (their row loop known to run once) were ~13% faster at batch 64 with 64 tenants
-            # (bench/results/decode_rows_ab.md).
-            rows = decode_rows(len(heights)) if 2 in heights else 1
+            rows = decode_rows(heights)
             self._kinds = TileKinds(any(h <= rows for h in heights), any(h > rows for h in heights), rows)
         return self._kinds
 

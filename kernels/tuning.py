@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -257,31 +257,62 @@ def candidates(kernel: str) -> list[LaunchConfig]:
     return [LaunchConfig((a, b, c), UNPACK_NAMES.index(u), w, s) for a, b, c, u, w, s in rows]
 
 
-# Steps with at least this many row tiles send two-row tiles to the decode kernels (see decode_rows).
-DECODE_TWO_ROWS_FROM_TILES = 32
+# The tallest row tile the decode kernels take. They compile for 4 too, but 4-row tiles ran 0.47-0.89x as fast
+# as on the tl.dot kernels (bench/results/decode_rows_sweep.md): their 4 x 32 accumulators a thread cost
+# registers, and so occupancy.
+DECODE_MAX_ROWS = 2
+# Steps with at least this many row tiles send tiles of 2..DECODE_MAX_ROWS rows to the decode kernels (see decode_rows).
+DECODE_MULTI_ROWS_FROM_TILES = 4
+_forced_rows: list[int | None] = [None]
 
 
-def decode_rows(n_tiles: int) -> int:
-    """Most rows of a tile that goes to the decode kernels, in a step of n_tiles row tiles (taller tiles take the
-    tl.dot kernels). A decode program walks every bit once per row and a tl.dot program once per tile, so two-row
-    tiles cost the decode kernels twice; they win only when many tiles fill the GPU. serve.py on the H100, 7B, the
-    same build with 1 and 2 (bench/results/decode_rows_ab.md): two-row tiles on the decode kernels were 23% faster
-    at 64 tiles (batch 128, 64 tenants), even at 32, and 22% slower at 8 (batch 16, 8 tenants). The interpreter
-    switches at 2 tiles, so the tests' small batches run both kernels on two-row tiles."""
-    return 2 if n_tiles >= (2 if _interpreting() else DECODE_TWO_ROWS_FROM_TILES) else 1
+def decode_rows(heights: Sequence[int]) -> int:
+    """DECODE_ROWS of a step whose row tiles have these heights: tiles of at most that many rows take the decode
+    kernels, taller ones the tl.dot kernels. A decode program tests each bit once for all its rows and adds it to
+    each (the expand and sign kernels; the shrink walks its rows in turn), a tl.dot program unpacks each code once
+    for a whole tile but through shared memory. One-row tiles always take the decode kernels; two-row tiles do in
+    steps of DECODE_MULTI_ROWS_FROM_TILES tiles or more, where they were faster on the H100 (bench/results/
+    decode_rows_sweep.md: 0.99-2.1x from 4 tiles, 0.79-1.34x with one). The interpreter switches at 2 tiles, so
+    the tests' small batches run the decode kernels on multi-row tiles."""
+    if _forced_rows[0] is not None:
+        return _forced_rows[0]
+    if len(heights) < (2 if _interpreting() else DECODE_MULTI_ROWS_FROM_TILES):
+        return 1
+    return triton.next_power_of_2(max((h for h in heights if h <= DECODE_MAX_ROWS), default=1))
 
 
-def decode_variants(group_size: int) -> list[int]:
-    """Row-tile counts, one per distinct (decode_rows, decode_config) pair a decode launch can take at this group
-    size: each is a compile of the decode kernels (their rows and split are constexprs)."""
-    seen: dict[tuple, int] = {}
+@contextmanager
+def forced_decode_rows(rows: int) -> Iterator[None]:
+    """Within this block every step's DECODE_ROWS is `rows` (1, 2 or 4), whatever its tiles (bench/
+    decode_rows_sweep.py times both kernels on the same tiles this way)."""
+    if rows not in (1, 2, 4):
+        raise ValueError(f"DECODE_ROWS must be 1, 2 or 4, got {rows}")
+    previous = _forced_rows[0]
+    _forced_rows[0] = rows
+    try:
+        yield
+    finally:
+        _forced_rows[0] = previous
+
+
+def decode_variants(group_size: int) -> list[tuple[int, int]]:
+    """(row-tile count, rows a tile), one per distinct (DECODE_ROWS, decode_config) pair a decode launch can take
+    at this group size: each is a compile of the decode kernels (their rows and split are constexprs)."""
+    seen: dict[tuple, tuple[int, int]] = {}
     for n_tiles in WORK_BUCKETS:
-        key = (decode_rows(n_tiles), *(tuple(decode_config(k, n_tiles, group_size).items()) for k in TILE_NAMES))
-        seen.setdefault(key, n_tiles)
+        for rows in (1, 2, 4):
+            decode = decode_rows([rows] * n_tiles)
+            key = (decode, *(tuple(decode_config(k, n_tiles, group_size, decode).items()) for k in TILE_NAMES))
+            seen.setdefault(key, (n_tiles, rows))
     return list(seen.values())
 
 
-def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, int]:
+# Registers a thread of the expand decode kernel may take, by DECODE_ROWS. Left to itself ptxas took 95 (one row)
+# and 167 (two), 5 and 3 programs an SM; capped, it needs no spills (SASS with triton 3.6 for sm_90).
+EXPAND_DECODE_REGISTERS = {1: 80, 2: 128}  # 4 rows (forced only) take what they need
+
+
+def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
     """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"), chosen from
     their SASS (kernels/bitserial.py) and A/B runs (bench/results/kernel_ab_decode_tiles.md): a shrink thread
     keeps 4 words of one 32-element column of a k tile, so the 32 x values it loads serve all four (128 ranks a
@@ -294,7 +325,7 @@ def decode_config(kernel: str, work: int, group_size: int | None) -> dict[str, i
     if kernel == "shrink":
         return {"BLOCK_R": 128, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
     if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
-        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4}
+        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4, "maxnreg": EXPAND_DECODE_REGISTERS.get(rows)}
     return {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": 4}
 
 

@@ -203,6 +203,28 @@ def test_sign_kernel_matches_reference(case: str, strategy: str, dtype: torch.dt
     _assert_close(got, want, y0, rows, seed)
 
 
+@pytest.mark.parametrize("decode_rows", [2, 4])
+def test_decode_kernels_on_forced_tile_heights(decode_rows: int, gen) -> None:
+    """With DECODE_ROWS forced (bench/decode_rows_sweep.py times it so), the decode kernels take tiles of up to
+    that many rows, their rows sharing each bit test in the expand and sign kernels: both match the references.
+    Segments of 1 to decode_rows rows, so a tile may be partly masked."""
+    from deltaserve.kernels.tuning import forced_decode_rows
+    g, seed = gen
+    rows = [0, 1, 1, 2, -1, 2, 2, 3, 3, 3, 3] if decode_rows == 4 else [0, 1, 1, -1, 3, 3]
+    x, y0, _ = _batch(rows, torch.float16, g)
+    lowrank = _projections(g)
+    signs = [random_signs(S, D_IN, D_OUTS[0], 0, g), random_signs(S, D_IN, D_OUTS[1], D_OUTS[0], g)]
+    with forced_decode_rows(decode_rows):
+        meta = SlotMetadata.build(torch.tensor(rows, dtype=torch.int32), S)
+        assert tuple(meta.tile_kinds()) == (True, False, decode_rows)
+        for add, ref, args in ((add_lowrank_delta_triton, add_lowrank_delta_reference, (lowrank, G)),
+                               (add_sign_delta_triton, add_sign_delta_reference, (signs,))):
+            want, got = y0.clone(), y0.clone()
+            ref(want, x, meta, *args)
+            add(got, x, meta, *args)
+            _assert_close(got, want, y0, rows, seed)
+
+
 def test_reference_equals_dense_delta(gen) -> None:
     """The low-rank reference equals y += x @ (sum_t u_t^T diag(s_t) v_t)^T built from real quantized factors."""
     g, seed = gen
@@ -386,21 +408,36 @@ def test_static_copy_rejects_other_padding() -> None:
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
 
 
-def test_two_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatch) -> None:
-    """As on a GPU: one-row tiles take the decode kernels; two-row tiles take the tl.dot kernels in a step of few
-    tiles and the decode kernels from DECODE_TWO_ROWS_FROM_TILES tiles (tuning.decode_rows says why)."""
+def test_multi_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatch) -> None:
+    """As on a GPU: one-row tiles take the decode kernels; tiles of 2..DECODE_MAX_ROWS rows take the tl.dot kernels
+    in a step of few tiles and the decode kernels, at the next power of two rows, from DECODE_MULTI_ROWS_FROM_TILES
+    tiles (tuning.decode_rows says why); taller tiles always take tl.dot."""
     from deltaserve.kernels import tuning
     monkeypatch.setattr(tuning, "_interpreting", lambda: False)
-    many = tuning.DECODE_TWO_ROWS_FROM_TILES
+    many = tuning.DECODE_MULTI_ROWS_FROM_TILES
 
     def kinds(rows: list[int]) -> tuple:
         return tuple(SlotMetadata.from_host(rows, 2 * many, torch.device("cpu")).tile_kinds())
-    assert kinds([s for s in range(many - 1) for _ in range(2)]) == (False, True, 1)
-    assert kinds([s for s in range(many) for _ in range(2)]) == (True, False, 2)
+
+    def tiles(n: int, rows: int) -> list[int]:
+        return [s for s in range(n) for _ in range(rows)]
+    top = tuning.DECODE_MAX_ROWS
+    assert kinds(tiles(many - 1, 2)) == (False, True, 1)
+    assert kinds(tiles(many, 2)) == (True, False, 2)
+    assert kinds(tiles(many, top)) == (True, False, top)
+    assert kinds(tiles(many, top + 1)) == (False, True, 1)
+    assert kinds(tiles(many - 1, 1) + [many] * top) == (True, False, top)  # one tall tile among many
+    assert kinds(tiles(many - 1, 1) + [many] * (top + 1)) == (True, True, 1)  # too tall: tl.dot, the rest one row
     assert kinds(list(range(many - 2)) + [many] * 2) == (True, True, 1)  # many - 1 tiles
     assert kinds([-1, 0, -1]) == (True, False, 1)
     assert kinds(list(range(2 * many))) == (True, False, 1)  # many tiles, none of two rows
     assert kinds([-1, -1]) == (False, False, 1)
+    with tuning.forced_decode_rows(4):
+        assert kinds(tiles(3, 3)) == (True, False, 4)
+    assert kinds(tiles(3, 3)) == (False, True, 1)
+    with pytest.raises(ValueError, match="must be 1, 2 or 4"):
+        with tuning.forced_decode_rows(3):
+            pass
 
 
 @pytest.mark.gpu
@@ -439,7 +476,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     lowrank_plan, signs_plan = lowrank_plan_for(lowrank), sign_plan_for(signs)
     x = torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g)
     y = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
-    meta = SlotMetadata.from_host([0, 0, 1, 1, 1], S, dev, pad_to=P)  # both kernel kinds: see tile_kinds
+    meta = SlotMetadata.from_host([0, 0, 1, 1, 1, 2, 3], S, dev, pad_to=P)  # both kernel kinds: see tile_kinds
 
     def step() -> None:
         add_lowrank_delta(y, x, meta, lowrank, gs, plan=lowrank_plan)
@@ -567,19 +604,21 @@ def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
 
 
 def test_decode_variants_cover_every_decode_launch(monkeypatch):
-    """The decode kernels compile per (rows, split) pair: the start-up warm-up's tile counts reach every pair a
-    launch of any tile count can take, with the GPU's configs."""
+    """The decode kernels compile per (rows, split) pair: the start-up warm-up's steps (rows rows on each of n
+    slots) reach every pair a step of any tile count and height can take, with the GPU's configs."""
     from deltaserve.kernels import tuning
-    from deltaserve.kernels.tuning import decode_config, decode_rows, decode_variants, work_bucket
+    from deltaserve.kernels.tuning import decode_config, decode_variants, work_bucket
     monkeypatch.setattr(tuning, "_interpreting", lambda: False)
 
-    def variant(n_tiles: int, gs: int) -> tuple:
-        return (decode_rows(n_tiles), *(tuple(decode_config(k, work_bucket(n_tiles), gs).items())
-                                        for k in ("shrink", "expand", "sign")))
+    def variant(n_tiles: int, rows: int, gs: int) -> tuple | None:
+        slots = [s for s in range(n_tiles) for _ in range(rows)]
+        kinds = SlotMetadata.from_host(slots, n_tiles, torch.device("cpu")).tile_kinds()
+        return (kinds.decode_rows, *(tuple(decode_config(k, work_bucket(n_tiles), gs, kinds.decode_rows).items())
+                                     for k in ("shrink", "expand", "sign"))) if kinds.decode else None
     for gs in (32, 128):
-        warm = {variant(n, gs) for n in decode_variants(gs)}
-        assert {variant(n, gs) for n in range(1, 300)} == warm
-        assert len(warm) == len(decode_variants(gs)) > 2
+        warm = {variant(n, rows, gs) for n, rows in decode_variants(gs)}
+        assert {variant(n, rows, gs) for n in range(1, 100) for rows in range(1, 6)} - {None} == warm
+        assert len(warm) == len(decode_variants(gs)) > 4
 
 
 @pytest.mark.parametrize("kernel", ["shrink", "expand", "sign"])
