@@ -57,6 +57,12 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, tuple | None], _Graph] = {}   # (P, DeltaRows.kernel_kinds or None)
         self._layout: tuple | None = None
         self._pool = None
+        # One side stream for every capture's warm-up: torch keeps a cuBLAS workspace per (handle, stream) for the
+        # process's life, so a fresh stream per capture held ~30 MB more each. A 7B engine's 10 base graphs took
+        # 0.51 GB of device memory that way, 0.21 GB with one stream (H100; free memory after building the engine
+        # with and without them, each in its own process), and the 64th 1-bit tenant no longer fit
+        # (bench/results/serve.md).
+        self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.captures = 0                   # graphs captured so far (a new layout recaptures)
         self.capture_seconds = 0.0          # wall time of those captures, warm-up steps included
 
@@ -124,12 +130,11 @@ class DecodeGraphs:
         start = time.perf_counter()
         # Warm up on a side stream first: Triton autotuning and the libraries' first-call setup must not run
         # inside the capture. The warm-up writes this step's K/V; the replay rewrites the same rows.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._side):
             for _ in range(2):
                 self._step(g)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
         g.graph = torch.cuda.CUDAGraph()
         # thread_local: a tenant's delta staged by another thread (AsyncEngine.load_delta) may copy and allocate
         # on its own stream meanwhile; the default mode would fail the capture on that.
