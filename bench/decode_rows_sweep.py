@@ -1,9 +1,9 @@
 """Which kernels should take row tiles of 2..4 rows: the decode (bit-serial) kernels or tl.dot, by tile count.
 
-For each Llama-2-7B shape and each step of T tenants with h rows each (h = 2 or 4), times add_lowrank_delta and
-add_sign_delta (CUDA graph replay, L2 flushed, as bench/kernel_bench.py) with DECODE_ROWS forced to 1 (the tiles
-take the tl.dot kernels) and to h (the decode kernels), in one process. tuning.decode_rows's threshold
-(DECODE_MULTI_ROWS_FROM_TILES) comes from this table.
+For each Llama-2-7B shape and each step of T tenants with h rows each (h = 2 or 4), times add_lowrank_delta (and
+its shrink and expand launches alone) and add_sign_delta (CUDA graph replay, L2 flushed, as bench/kernel_bench.py)
+with DECODE_ROWS forced to 1 (the tiles take the tl.dot kernels) and to h (the decode kernels), in one process.
+tuning.DECODE_ROWS_POLICY (each kernel's tallest decode tile and tile-count threshold) comes from this table.
 
 Usage: python bench/decode_rows_sweep.py [--out DIR] [--shapes qkv,...]
 (writes decode_rows_sweep.json and decode_rows_sweep.md)
@@ -20,8 +20,11 @@ import triton
 
 from deltaserve.kernels import SlotMetadata
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_triton
+from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
+from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
+from deltaserve.kernels.slot_metadata import KERNELS
 from deltaserve.kernels.tuning import forced_decode_rows
 from kernel_bench import SHAPES, copy_bandwidth, make_weights, ms
 from random_models import G
@@ -44,17 +47,22 @@ def sweep_shape(name: str, g: torch.Generator, bw: float) -> list[dict]:
             for rows, label in ((1, "dot"), (h, "decode")):
                 with forced_decode_rows(rows):
                     meta = SlotMetadata.from_host(slots, max(TENANTS), x.device)
-                    assert meta.tile_kinds().decode == (label == "decode")
+                    assert all(meta.tile_kinds(k).decode == (label == "decode") for k in KERNELS)
                     row[f"{label}_lowrank_us"] = 1e3 * ms(
                         lambda: add_lowrank_delta_triton(y, x, meta, w.lowrank, G, plan), quick=True)
                     row[f"{label}_sign_us"] = 1e3 * ms(lambda: add_sign_delta_triton(y, x, meta, w.signs), quick=True)
+                    z = shrink_triton(x, meta, plan, G)
+                    row[f"{label}_shrink_us"] = 1e3 * ms(lambda: shrink_triton(x, meta, plan, G), quick=True)
+                    row[f"{label}_expand_us"] = 1e3 * ms(lambda: expand_triton(y, z, meta, plan, G), quick=True)
             row["lowrank_decode_speedup"] = row["dot_lowrank_us"] / row["decode_lowrank_us"]
             row["sign_decode_speedup"] = row["dot_sign_us"] / row["decode_sign_us"]
             row["decode_frac_copy_bw"] = (T * w.slot_bytes + 2 * B * (w.d_in + 2 * sum(w.d_outs))) / (
                 row["decode_lowrank_us"] * 1e-6) / bw
             print(f"{name:8s} h={h} T={T:2d}: low-rank dot {row['dot_lowrank_us']:7.1f} decode "
-                  f"{row['decode_lowrank_us']:7.1f} us (x{row['lowrank_decode_speedup']:.2f}); sign dot "
-                  f"{row['dot_sign_us']:6.1f} decode {row['decode_sign_us']:6.1f} us", flush=True)
+                  f"{row['decode_lowrank_us']:7.1f} us (x{row['lowrank_decode_speedup']:.2f}; shrink "
+                  f"{row['dot_shrink_us']:.1f} / {row['decode_shrink_us']:.1f}, expand {row['dot_expand_us']:.1f} / "
+                  f"{row['decode_expand_us']:.1f}); sign dot {row['dot_sign_us']:6.1f} decode "
+                  f"{row['decode_sign_us']:6.1f} us", flush=True)
             out.append(row)
     return out
 
@@ -66,11 +74,14 @@ def write_markdown(res: dict, path: Path) -> None:
              "with DECODE_ROWS forced to 1 (tiles on the tl.dot kernels) and to h (decode kernels); device time in "
              "us, CUDA graph replay, L2 flushed. Speedup > 1: the decode kernels are faster.", "",
              "| shape | rows/tenant | tenants | low-rank tl.dot | low-rank decode | speedup | decode: of copy BW "
-             "| sign tl.dot | sign decode | speedup |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shrink tl.dot / decode | expand tl.dot / decode | sign tl.dot | sign decode | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         lines.append(f"| {r['shape']} | {r['rows_per_tenant']} | {r['tenants']} | {r['dot_lowrank_us']:.1f} | "
                      f"{r['decode_lowrank_us']:.1f} | {r['lowrank_decode_speedup']:.2f} | "
-                     f"{r['decode_frac_copy_bw']:.1%} | {r['dot_sign_us']:.1f} | {r['decode_sign_us']:.1f} | "
+                     f"{r['decode_frac_copy_bw']:.1%} | {r['dot_shrink_us']:.1f} / {r['decode_shrink_us']:.1f} | "
+                     f"{r['dot_expand_us']:.1f} / {r['decode_expand_us']:.1f} | {r['dot_sign_us']:.1f} | "
+                     f"{r['decode_sign_us']:.1f} | "
                      f"{r['sign_decode_speedup']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 

@@ -40,13 +40,13 @@ from deltaserve.kernels.lowrank_expand import expand_reference, expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
+from deltaserve.kernels.slot_metadata import KERNELS
 from deltaserve.kernels.tuning import (CONFIG_DIR, GROUP_AXIS, TILE_NAMES, LaunchConfig, candidates,
                                        default_config, device_slug, spans_groups, table_key, work_bucket,
                                        write_config_table)
 from kernel_bench import BATCHES, SHAPES, TENANTS, Weights, copy_bandwidth, make_weights, ms, rel_err
 from random_models import G
 
-KERNELS = ("shrink", "expand", "sign")
 PREFILL_ROWS, PREFILL_TENANTS = (512,), (1, 4, 16)  # segments of 512, 128 and 32 rows: row tiles of 64 and 32
 MAX_REL_ERR = 1e-2
 # Seconds a key takes on the H100, for the up-front estimate: ~35 ms a timing, ~1.5 s a compile (a candidate
@@ -120,15 +120,18 @@ def tuning_cases(batches: Sequence[int], tenants: Sequence[int], prefill_rows: S
     return decode + [Case(r, t) for r in prefill_rows for t in prefill_tenants if t <= r]
 
 
-def case_tiles(case: Case, num_slots: int, device: torch.device | str) -> tuple[int, int] | None:
-    """(row-tile height, work bucket) of the case's launches, as the launchers derive them; None when no tile
-    takes the tl.dot kernels (one or two rows a tenant: SlotMetadata.tile_kinds), whose configs the table holds:
-    their launch would do nothing, and timing it would tune a key on an empty kernel."""
+CaseTiles = dict[str, tuple[int, int] | None]  # kernel -> (row-tile height, work bucket), see case_tiles
+
+
+def case_tiles(case: Case, num_slots: int, device: torch.device | str) -> CaseTiles:
+    """Per kernel, (row-tile height, work bucket) of the case's launches, as the launchers derive them; None when
+    no tile takes that kernel's tl.dot variant (SlotMetadata.tile_kinds: one row a tenant, and the shorter tiles
+    each kernel's decode variant takes), whose configs the table holds: its launch would do nothing, and timing
+    it would tune a key on an empty kernel."""
     meta = SlotMetadata.from_host(case.row_slots(), num_slots, device)
-    if not meta.tile_kinds().dot:
-        return None
     block_m, blk_seg, _ = meta.launch_tiles()
-    return block_m, work_bucket(blk_seg.shape[0])
+    tiles = (block_m, work_bucket(blk_seg.shape[0]))
+    return {kernel: tiles if meta.tile_kinds(kernel).dot else None for kernel in KERNELS}
 
 
 def kernel_shapes(w: Weights) -> dict[str, tuple[int, ...]]:
@@ -142,16 +145,16 @@ def group_size_of(kernel: str) -> int | None:
 
 
 def plan_jobs(shapes: dict[str, dict[str, tuple[int, ...]]], cases: Sequence[Case],
-              tiles: dict[Case, tuple[int, int] | None]) -> list[Job]:
+              tiles: dict[Case, CaseTiles]) -> list[Job]:
     """Every distinct key the shapes x cases reach, each with the first (shape, case) reaching it, in shape then
-    case order (so jobs of one case come together); cases without tl.dot tiles (tiles None) reach none."""
+    case order (so jobs of one case come together); a kernel without tl.dot tiles in a case (None) reaches none."""
     jobs, seen = [], set()
     for name, kshapes in shapes.items():
         for case in cases:
-            if tiles[case] is None:
-                continue
-            block_m, work = tiles[case]
             for kernel in KERNELS:
+                if tiles[case][kernel] is None:
+                    continue
+                block_m, work = tiles[case][kernel]
                 key = table_key(kernel, kshapes[kernel], group_size_of(kernel), work, block_m)
                 if key not in seen:
                     seen.add(key)
@@ -215,10 +218,10 @@ def kernel_calls(w: Weights, case: Case, num_slots: int, g: torch.Generator) -> 
     }
 
 
-def estimate_seconds(jobs: Sequence[Job], tiles: dict[Case, tuple[int, int]]) -> float:
+def estimate_seconds(jobs: Sequence[Job], tiles: dict[Case, CaseTiles]) -> float:
     """Rough H100 time of the whole run: every candidate timed, each compiled once per row-tile height."""
     timings = sum(len(configs_to_time(j.kernel, j.work)) for j in jobs)
-    heights = {tiles[j.case][0] for j in jobs}
+    heights = {tiles[j.case][j.kernel][0] for j in jobs}
     compiles = sum(len(candidates(k)) for k in {j.kernel for j in jobs}) * len(heights)
     return timings * SECONDS_PER_TIMING + compiles * SECONDS_PER_COMPILE
 

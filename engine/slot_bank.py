@@ -27,9 +27,9 @@ class DeltaRows:
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
 
     def kernel_kinds(self) -> tuple:
-        """Which delta kernels a step of these rows launches (SlotMetadata.tile_kinds of each kernel's rows):
+        """Which delta kernels a step of these rows launches (SlotMetadata.launch_kinds of each kind's rows):
         part of a captured decode graph's key, as a graph holds only its capturing step's launches."""
-        return tuple(None if m is None else m.tile_kinds() for m in (self.packed, self.sign))
+        return tuple(None if m is None else m.launch_kinds() for m in (self.packed, self.sign))
 
     def copy_(self, other: DeltaRows) -> None:
         """Take `other`'s rows into these tensors in place (both from SlotBank.static_rows at one pad_to)."""

@@ -156,7 +156,7 @@ def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: Lo
         return
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot, decode_rows = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds("expand")
     work = work_bucket(blk_seg.shape[0])
     args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,
             blk_seg, blk_start, group_size, ws.stride(0), z.stride(0))

@@ -128,7 +128,7 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    decode, dot, decode_rows = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds("shrink")
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
                  x.shape[1], group_size, x.stride(0), z.stride(0))
@@ -139,7 +139,7 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
         _shrink_kernel[grid](x, z, plan.tiers, *meta_args, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
                              DECODE_ROWS=decode_rows, **config.launch_kwargs("shrink"))
     if decode:
-        d = decode_config("shrink", work, group_size)
+        d = decode_config("shrink", work, group_size, decode_rows)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, d["BLOCK_R"]))
         xw = padded_to_words(x)
         _shrink_decode_kernel[grid](xw, z, plan.tiers, *meta_args[:-2], xw.stride(0), z.stride(0), BLOCK_M=block_m,

@@ -134,7 +134,7 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
     ws = fp32_workspace(y)
-    decode, dot, decode_rows = meta.tile_kinds()
+    decode, dot, decode_rows = meta.tile_kinds("sign")
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
                  ws.stride(0))
@@ -145,7 +145,7 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         _sign_kernel[grid](ws, x, plan.table, *meta_args, x.stride(0), DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
                            DECODE_ROWS=decode_rows, **config.launch_kwargs("sign"))
     if decode:
-        d = decode_config("sign", work, None)
+        d = decode_config("sign", work, None, decode_rows)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), len(projections))
         xw = padded_to_words(x)
         _sign_decode_kernel[grid](ws, xw, plan.table, *meta_args, xw.stride(0), BLOCK_M=block_m,

@@ -15,12 +15,15 @@ from .tuning import block_m_for, decode_rows
 STATIC_BLOCK_M = 16
 
 
+KERNELS = ("shrink", "expand", "sign")  # each has a decode and a tl.dot variant
+
+
 class TileKinds(NamedTuple):
-    """The delta kernels a step launches: tiles of at most decode_rows rows take the decode kernels."""
+    """The variants of one kernel a step launches: tiles of at most decode_rows rows take its decode variant."""
 
     decode: bool      # some tile has at most decode_rows rows
-    dot: bool         # some tile is taller: the tl.dot kernels
-    decode_rows: int  # tuning.decode_rows of the step's tile heights; the kernels' DECODE_ROWS
+    dot: bool         # some tile is taller: the tl.dot variant
+    decode_rows: int  # tuning.decode_rows of the step's tile heights; the decode variant's DECODE_ROWS
 
 
 @dataclass(eq=False)
@@ -48,7 +51,7 @@ class SlotMetadata:
     row_slots_host: tuple[int, ...] = ()  # row_slots on the host (unpadded)
     _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _kinds: TileKinds | None = field(default=None, repr=False)  # tile_kinds' answer
+    _kinds: dict[str, TileKinds] = field(default_factory=dict, repr=False)  # tile_kinds' answers, by kernel
     _split: dict = field(default_factory=dict, repr=False)  # split_long's answers, by min_rows
 
     @classmethod
@@ -105,9 +108,9 @@ class SlotMetadata:
         if (self.num_rows, self.num_slots) != (other.num_rows, other.num_slots):
             raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
                              f"self is {self.num_rows} rows of {self.num_slots} slots")
-        if other.tile_kinds() != self.tile_kinds():
-            raise ValueError(f"other's rows need {other.tile_kinds()}, self's launch {self.tile_kinds()}: a graph "
-                             f"captured with self would run the wrong kernels")
+        if other.launch_kinds() != self.launch_kinds():
+            raise ValueError(f"other's rows need {other.launch_kinds()}, self's launch {self.launch_kinds()}: a "
+                             f"graph captured with self would run the wrong kernels")
         self._flat.copy_(other._flat, non_blocking=True)
         self.seg_lens_host, self.seg_slots_host, self.seg_starts_host, self.row_slots_host = (
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host, other.row_slots_host)
@@ -159,17 +162,21 @@ class SlotMetadata:
             self._blocks[block_m] = (seg, start)
         return self._blocks[block_m]
 
-    def tile_kinds(self) -> TileKinds:
-        """Which of the decode and the tl.dot kernels this step's row tiles (see launch_tiles) take. Static
+    def tile_kinds(self, kernel: str) -> TileKinds:
+        """Which of `kernel`'s decode and tl.dot variants this step's row tiles (see launch_tiles) take. Static
         metadata takes in only steps of its own kinds (copy_ checks), so a graph captured with it holds every
         launch its replays need and none they do not (an idle launch of the other kind costs a few
         microseconds, 400 times a 7B step)."""
-        if self._kinds is None:  # asked by every delta call of a step: worked out once
+        if kernel not in self._kinds:  # asked by every delta call of a step: worked out once
             block_m = self.tile_height
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]
-            rows = decode_rows(heights)
-            self._kinds = TileKinds(any(h <= rows for h in heights), any(h > rows for h in heights), rows)
-        return self._kinds
+            rows = decode_rows(heights, kernel)
+            self._kinds[kernel] = TileKinds(any(h <= rows for h in heights), any(h > rows for h in heights), rows)
+        return self._kinds[kernel]
+
+    def launch_kinds(self) -> tuple[TileKinds, ...]:
+        """tile_kinds of every kernel (KERNELS order): what a captured graph of this step launches."""
+        return tuple(self.tile_kinds(k) for k in KERNELS)
 
     def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """What a delta kernel launch iterates over: (tile height, tile segments, tile starts; see blocks), or

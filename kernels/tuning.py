@@ -257,34 +257,45 @@ def candidates(kernel: str) -> list[LaunchConfig]:
     return [LaunchConfig((a, b, c), UNPACK_NAMES.index(u), w, s) for a, b, c, u, w, s in rows]
 
 
-# The tallest row tile the decode kernels take. They compile for 4 too, but 4-row tiles ran 0.47-0.89x as fast
-# as on the tl.dot kernels (bench/results/decode_rows_sweep.md): their 4 x 32 accumulators a thread cost
-# registers, and so occupancy.
-DECODE_MAX_ROWS = 2
-# Steps with at least this many row tiles send tiles of 2..DECODE_MAX_ROWS rows to the decode kernels (see decode_rows).
-DECODE_MULTI_ROWS_FROM_TILES = 4
+@dataclass(frozen=True)
+class DecodeRowsPolicy:
+    """Which row tiles one kernel's decode (bit-serial) variant takes: one-row tiles always; tiles of 2..max_rows
+    rows in steps of at least from_tiles row tiles; taller ones go to its tl.dot variant."""
+
+    max_rows: int     # 1, 2 or 4: the decode kernel's DECODE_ROWS (rounded up to a power of two)
+    from_tiles: int
+
+
+# From bench/results/decode_rows_sweep.md (H100; each kernel timed on the same steps both ways, 1-64 tenants):
+# - expand: a tile's rows share each bit test; two-row tiles ran 1.1-3.0x and four-row tiles 1.0-1.9x faster on
+#   the decode kernel than on tl.dot, from one tile up (four rows with the register cap below);
+# - shrink: its decode kernel walks a tile's rows in turn (lowrank_shrink says why): four rows ran 0.35-0.84x as
+#   fast as on tl.dot; two rows, summed over a 7B layer's four shapes, won from 8 tiles (385 vs 470 us), tied at
+#   16 and lost at 4 (312 vs 249 us);
+# - sign: a tile's rows share each bit test; two rows 1.0-1.47x from one tile up, four rows 0.64-0.92x.
+DECODE_ROWS_POLICY = {"shrink": DecodeRowsPolicy(2, 8), "expand": DecodeRowsPolicy(4, 1),
+                      "sign": DecodeRowsPolicy(2, 1)}
 _forced_rows: list[int | None] = [None]
 
 
-def decode_rows(heights: Sequence[int]) -> int:
-    """DECODE_ROWS of a step whose row tiles have these heights: tiles of at most that many rows take the decode
-    kernels, taller ones the tl.dot kernels. A decode program tests each bit once for all its rows and adds it to
-    each (the expand and sign kernels; the shrink walks its rows in turn), a tl.dot program unpacks each code once
-    for a whole tile but through shared memory. One-row tiles always take the decode kernels; two-row tiles do in
-    steps of DECODE_MULTI_ROWS_FROM_TILES tiles or more, where they were faster on the H100 (bench/results/
-    decode_rows_sweep.md: 0.99-2.1x from 4 tiles, 0.79-1.34x with one). The interpreter switches at 2 tiles, so
-    the tests' small batches run the decode kernels on multi-row tiles."""
+def decode_rows(heights: Sequence[int], kernel: str) -> int:
+    """DECODE_ROWS of `kernel`'s decode variant in a step whose row tiles have these heights: its tiles of at most
+    that many rows take the decode variant, taller ones the tl.dot variant (DECODE_ROWS_POLICY says which). A
+    decode program tests each bit once for a tile's rows (the expand and sign kernels; the shrink walks them in
+    turn), a tl.dot program unpacks each code once for a whole tile but through shared memory. The interpreter
+    takes multi-row tiles from 2 tiles, so the tests' small batches run the decode kernels on them."""
     if _forced_rows[0] is not None:
         return _forced_rows[0]
-    if len(heights) < (2 if _interpreting() else DECODE_MULTI_ROWS_FROM_TILES):
+    policy = DECODE_ROWS_POLICY[kernel]
+    if len(heights) < (min(policy.from_tiles, 2) if _interpreting() else policy.from_tiles):
         return 1
-    return triton.next_power_of_2(max((h for h in heights if h <= DECODE_MAX_ROWS), default=1))
+    return triton.next_power_of_2(max((h for h in heights if h <= policy.max_rows), default=1))
 
 
 @contextmanager
 def forced_decode_rows(rows: int) -> Iterator[None]:
-    """Within this block every step's DECODE_ROWS is `rows` (1, 2 or 4), whatever its tiles (bench/
-    decode_rows_sweep.py times both kernels on the same tiles this way)."""
+    """Within this block every kernel's DECODE_ROWS is `rows` (1, 2 or 4) in every step, whatever its tiles
+    (bench/decode_rows_sweep.py times both variants on the same tiles this way)."""
     if rows not in (1, 2, 4):
         raise ValueError(f"DECODE_ROWS must be 1, 2 or 4, got {rows}")
     previous = _forced_rows[0]
@@ -296,20 +307,25 @@ def forced_decode_rows(rows: int) -> Iterator[None]:
 
 
 def decode_variants(group_size: int) -> list[tuple[int, int]]:
-    """(row-tile count, rows a tile), one per distinct (DECODE_ROWS, decode_config) pair a decode launch can take
-    at this group size: each is a compile of the decode kernels (their rows and split are constexprs)."""
+    """(row-tile count, rows a tile), one per distinct set of (DECODE_ROWS, decode_config) pairs of the three
+    kernels a decode launch can take at this group size: each pair is a compile of a decode kernel (its rows and
+    split are constexprs)."""
     seen: dict[tuple, tuple[int, int]] = {}
     for n_tiles in WORK_BUCKETS:
         for rows in (1, 2, 4):
-            decode = decode_rows([rows] * n_tiles)
-            key = (decode, *(tuple(decode_config(k, n_tiles, group_size, decode).items()) for k in TILE_NAMES))
-            seen.setdefault(key, (n_tiles, rows))
+            key = []
+            for kernel in TILE_NAMES:
+                decode = decode_rows([rows] * n_tiles, kernel)
+                key.append((decode, tuple(decode_config(kernel, n_tiles, group_size, decode).items())))
+            seen.setdefault(tuple(key), (n_tiles, rows))
     return list(seen.values())
 
 
-# Registers a thread of the expand decode kernel may take, by DECODE_ROWS. Left to itself ptxas took 95 (one row)
-# and 167 (two), 5 and 3 programs an SM; capped, it needs no spills (SASS with triton 3.6 for sm_90).
-EXPAND_DECODE_REGISTERS = {1: 80, 2: 128}  # 4 rows (forced only) take what they need
+# Registers a thread of the expand decode kernel may take, by DECODE_ROWS. Left to itself ptxas took 95 (one row),
+# 167 (two) and 243 (four): 5, 3 and 2 programs an SM. Capped, it needs no spills up to two rows and 5 spilled
+# registers at four (SASS with triton 3.6 for sm_90); four rows ran 1.2-1.9x faster capped
+# (bench/results/decode_rows_sweep_uncapped4.md against decode_rows_sweep.md).
+EXPAND_DECODE_REGISTERS = {1: 80, 2: 128, 4: 168}
 
 
 def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
@@ -325,7 +341,7 @@ def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1)
     if kernel == "shrink":
         return {"BLOCK_R": 128, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
     if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
-        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4, "maxnreg": EXPAND_DECODE_REGISTERS.get(rows)}
+        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4, "maxnreg": EXPAND_DECODE_REGISTERS[rows]}
     return {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": 4}
 
 

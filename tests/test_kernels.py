@@ -21,7 +21,7 @@ from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
-from deltaserve.kernels.slot_metadata import static_tile_count
+from deltaserve.kernels.slot_metadata import KERNELS, static_tile_count
 from deltaserve.kernels.tuning import forced_unpack
 
 S, D_IN, G = 4, 75, 32  # d_in not a multiple of any block; two scale groups and a partial one
@@ -154,7 +154,7 @@ def test_dequantized_factors_match_reference(dtype: torch.dtype, strategy: str, 
 # kernels' inner loop alone, so the other strategies run where the decode kernels have no tile.
 BIT_WIDTH_CASES = ([(dtype, UNPACK_NAMES[0], "mixed_with_base") for dtype in DTYPES]
                    + [(torch.float16, u, "dot_tiles_only") for u in UNPACK_NAMES[1:]])
-DOT_TILES_ONLY = [2, -1, 0, 0, 2, 0, 2]  # two slots of three rows: no tile small enough for the decode kernels
+DOT_TILES_ONLY = [2, -1, 0, 0, 2, 0, 2, 0, 2, 0, 2]  # two slots of five rows: no tile any decode kernel takes
 
 
 @pytest.mark.parametrize("dtype,strategy,case", BIT_WIDTH_CASES, ids=str)
@@ -216,7 +216,7 @@ def test_decode_kernels_on_forced_tile_heights(decode_rows: int, gen) -> None:
     signs = [random_signs(S, D_IN, D_OUTS[0], 0, g), random_signs(S, D_IN, D_OUTS[1], D_OUTS[0], g)]
     with forced_decode_rows(decode_rows):
         meta = SlotMetadata.build(torch.tensor(rows, dtype=torch.int32), S)
-        assert tuple(meta.tile_kinds()) == (True, False, decode_rows)
+        assert {tuple(meta.tile_kinds(k)) for k in KERNELS} == {(True, False, decode_rows)}
         for add, ref, args in ((add_lowrank_delta_triton, add_lowrank_delta_reference, (lowrank, G)),
                                (add_sign_delta_triton, add_sign_delta_reference, (signs,))):
             want, got = y0.clone(), y0.clone()
@@ -401,40 +401,45 @@ def test_static_copy_rejects_other_padding() -> None:
         held.copy_(SlotMetadata.from_host([0, 1], S, cpu, pad_to=5))
     with pytest.raises(ValueError, match="static metadata on both sides"):
         held.copy_(SlotMetadata.from_host([0, 1, -1, -1], S, cpu))
-    # Rows needing the tl.dot kernel (a 3-row slot) cannot replay a graph captured with decode tiles only.
-    with pytest.raises(ValueError, match=r"need TileKinds\(decode=False, dot=True.*self's launch TileKinds\(decode=True, dot=False"):
+    # Rows needing a tl.dot kernel (a 3-row slot) cannot replay a graph captured with decode tiles only.
+    with pytest.raises(ValueError, match=r"need \(TileKinds\(decode=False, dot=True.*self's launch \(TileKinds\(decode=True, dot=False"):
         held.copy_(SlotMetadata.from_host([2, 2, 2], S, cpu, pad_to=4))
     with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
 
 
-def test_multi_row_tiles_take_the_decode_kernels_in_steps_of_many_tiles(monkeypatch) -> None:
-    """As on a GPU: one-row tiles take the decode kernels; tiles of 2..DECODE_MAX_ROWS rows take the tl.dot kernels
-    in a step of few tiles and the decode kernels, at the next power of two rows, from DECODE_MULTI_ROWS_FROM_TILES
-    tiles (tuning.decode_rows says why); taller tiles always take tl.dot."""
+def test_multi_row_tiles_follow_each_kernels_decode_policy(monkeypatch) -> None:
+    """As on a GPU: one-row tiles take every decode kernel; tiles of 2..max_rows rows take a kernel's decode variant
+    from its policy's tile count (at the next power of two rows), its tl.dot variant below that; taller tiles always
+    take tl.dot (tuning.DECODE_ROWS_POLICY says why each kernel's policy is what it is)."""
     from deltaserve.kernels import tuning
     monkeypatch.setattr(tuning, "_interpreting", lambda: False)
-    many = tuning.DECODE_MULTI_ROWS_FROM_TILES
 
-    def kinds(rows: list[int]) -> tuple:
-        return tuple(SlotMetadata.from_host(rows, 2 * many, torch.device("cpu")).tile_kinds())
+    def kinds(rows: list[int], kernel: str) -> tuple:
+        return tuple(SlotMetadata.from_host(rows, 256, torch.device("cpu")).tile_kinds(kernel))
 
     def tiles(n: int, rows: int) -> list[int]:
         return [s for s in range(n) for _ in range(rows)]
-    top = tuning.DECODE_MAX_ROWS
-    assert kinds(tiles(many - 1, 2)) == (False, True, 1)
-    assert kinds(tiles(many, 2)) == (True, False, 2)
-    assert kinds(tiles(many, top)) == (True, False, top)
-    assert kinds(tiles(many, top + 1)) == (False, True, 1)
-    assert kinds(tiles(many - 1, 1) + [many] * top) == (True, False, top)  # one tall tile among many
-    assert kinds(tiles(many - 1, 1) + [many] * (top + 1)) == (True, True, 1)  # too tall: tl.dot, the rest one row
-    assert kinds(list(range(many - 2)) + [many] * 2) == (True, True, 1)  # many - 1 tiles
-    assert kinds([-1, 0, -1]) == (True, False, 1)
-    assert kinds(list(range(2 * many))) == (True, False, 1)  # many tiles, none of two rows
-    assert kinds([-1, -1]) == (False, False, 1)
+    for kernel in KERNELS:
+        policy = tuning.DECODE_ROWS_POLICY[kernel]
+        top, many = policy.max_rows, max(policy.from_tiles, 2)
+        assert kinds(tiles(many, 2), kernel) == (True, False, 2)
+        assert kinds(tiles(many, top), kernel) == (True, False, top)
+        assert kinds(tiles(many, top + 1), kernel) == (False, True, 1)
+        assert kinds(tiles(many - 1, 1) + [200] * top, kernel) == (True, False, top)  # one tall tile among many
+        assert kinds(tiles(many - 1, 1) + [200] * (top + 1), kernel) == (True, True, 1)  # too tall: tl.dot
+        assert kinds(tiles(2 * many, 1), kernel) == (True, False, 1)  # many tiles, none of two rows
+        assert kinds([-1, 0, -1], kernel) == (True, False, 1)
+        assert kinds([-1, -1], kernel) == (False, False, 1)
+        if policy.from_tiles > 1:
+            assert kinds(tiles(policy.from_tiles - 1, 2), kernel) == (False, True, 1)
+            assert kinds(tiles(policy.from_tiles - 2, 1) + [200] * 2, kernel) == (True, True, 1)  # one tile short
+    # The policies as measured: four-row tiles on the expand decode kernel only.
+    assert kinds(tiles(64, 4), "expand") == (True, False, 4)
+    assert kinds(tiles(64, 4), "shrink") == kinds(tiles(64, 4), "sign") == (False, True, 1)
     with tuning.forced_decode_rows(4):
-        assert kinds(tiles(3, 3)) == (True, False, 4)
-    assert kinds(tiles(3, 3)) == (False, True, 1)
+        assert kinds(tiles(3, 3), "shrink") == (True, False, 4)
+    assert kinds(tiles(3, 3), "shrink") == (False, True, 1)
     with pytest.raises(ValueError, match="must be 1, 2 or 4"):
         with tuning.forced_decode_rows(3):
             pass
@@ -476,7 +481,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     lowrank_plan, signs_plan = lowrank_plan_for(lowrank), sign_plan_for(signs)
     x = torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g)
     y = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
-    meta = SlotMetadata.from_host([0, 0, 1, 1, 1, 2, 3], S, dev, pad_to=P)  # both kernel kinds: see tile_kinds
+    meta = SlotMetadata.from_host([0, 0, 1, 1, 1, 1, 1, 2, 3], S, dev, pad_to=P)  # both variants of each kernel
 
     def step() -> None:
         add_lowrank_delta(y, x, meta, lowrank, gs, plan=lowrank_plan)
@@ -490,7 +495,7 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    rows = [3, -1, 2, 0, 3, 1, 1, -1, 2, 0, 1]
+    rows = [3, -1, 2, 0, 1, 1, 1, 1, 1, -1, 2, 0, 1]  # the same kinds (SlotMetadata.launch_kinds)
     meta.copy_(SlotMetadata.from_host(rows, S, dev, pad_to=P))
     x.copy_(torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g))
     y0 = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
@@ -605,20 +610,22 @@ def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
 
 def test_decode_variants_cover_every_decode_launch(monkeypatch):
     """The decode kernels compile per (rows, split) pair: the start-up warm-up's steps (rows rows on each of n
-    slots) reach every pair a step of any tile count and height can take, with the GPU's configs."""
+    slots) reach every pair a step of any tile count and height can take, for each kernel, with the GPU's
+    configs."""
     from deltaserve.kernels import tuning
     from deltaserve.kernels.tuning import decode_config, decode_variants, work_bucket
     monkeypatch.setattr(tuning, "_interpreting", lambda: False)
 
-    def variant(n_tiles: int, rows: int, gs: int) -> tuple | None:
+    def variants(n_tiles: int, rows: int, gs: int) -> set[tuple]:
         slots = [s for s in range(n_tiles) for _ in range(rows)]
-        kinds = SlotMetadata.from_host(slots, n_tiles, torch.device("cpu")).tile_kinds()
-        return (kinds.decode_rows, *(tuple(decode_config(k, work_bucket(n_tiles), gs, kinds.decode_rows).items())
-                                     for k in ("shrink", "expand", "sign"))) if kinds.decode else None
+        meta = SlotMetadata.from_host(slots, n_tiles, torch.device("cpu"))
+        return {(k, meta.tile_kinds(k).decode_rows,
+                 tuple(decode_config(k, work_bucket(n_tiles), gs, meta.tile_kinds(k).decode_rows).items()))
+                for k in KERNELS if meta.tile_kinds(k).decode}
     for gs in (32, 128):
-        warm = {variant(n, rows, gs) for n, rows in decode_variants(gs)}
-        assert {variant(n, rows, gs) for n in range(1, 100) for rows in range(1, 6)} - {None} == warm
-        assert len(warm) == len(decode_variants(gs)) > 4
+        warm = set().union(*(variants(n, rows, gs) for n, rows in decode_variants(gs)))
+        assert set().union(*(variants(n, rows, gs) for n in range(1, 100) for rows in range(1, 6))) == warm
+        assert len(decode_variants(gs)) > 4
 
 
 @pytest.mark.parametrize("kernel", ["shrink", "expand", "sign"])
@@ -630,7 +637,7 @@ def test_every_tuning_candidate_matches_the_reference(gen, kernel):
     g, seed = gen
     rows = DOT_TILES_ONLY  # the candidates are tl.dot kernels' configs (the decode kernels' are fixed)
     x, y0, meta = _batch(rows, torch.float16, g)
-    assert meta.tile_kinds()[:2] == (False, True), "the rows must give the tl.dot kernels tiles"
+    assert {meta.tile_kinds(k)[:2] for k in KERNELS} == {(False, True)}, "the rows must give tl.dot tiles only"
     want = y0.clone()
     if kernel == "sign":
         signs = _kind_projections("sign", g)
