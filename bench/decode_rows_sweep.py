@@ -24,8 +24,7 @@ from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
-from deltaserve.kernels.slot_metadata import KERNELS
-from deltaserve.kernels.tuning import forced_decode_rows
+from deltaserve.kernels.tuning import KERNELS, forced_decode_rows
 from kernel_bench import SHAPES, copy_bandwidth, make_weights, ms
 from random_models import G
 

@@ -40,8 +40,7 @@ from deltaserve.kernels.lowrank_expand import expand_reference, expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
-from deltaserve.kernels.slot_metadata import KERNELS
-from deltaserve.kernels.tuning import (CONFIG_DIR, GROUP_AXIS, TILE_NAMES, LaunchConfig, candidates,
+from deltaserve.kernels.tuning import (CONFIG_DIR, GROUP_AXIS, KERNELS, TILE_NAMES, LaunchConfig, candidates,
                                        default_config, device_slug, spans_groups, table_key, work_bucket,
                                        write_config_table)
 from kernel_bench import BATCHES, SHAPES, TENANTS, Weights, copy_bandwidth, make_weights, ms, rel_err

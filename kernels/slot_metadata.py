@@ -9,13 +9,10 @@ from typing import NamedTuple
 import torch
 
 from .tables import upload_lists, upload_packed
-from .tuning import block_m_for, decode_rows
+from .tuning import KERNELS, block_m_for, decode_rows
 
 # Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
 STATIC_BLOCK_M = 16
-
-
-KERNELS = ("shrink", "expand", "sign")  # each has a decode and a tl.dot variant
 
 
 class TileKinds(NamedTuple):

@@ -43,6 +43,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TILE_NAMES = {"shrink": ("BLOCK_R", "BLOCK_K", "SPLIT_K"), "expand": ("BLOCK_R", "BLOCK_N", "SPLIT_R"),
               "sign": ("BLOCK_N", "BLOCK_K", "SPLIT_K")}
 GROUP_AXIS = {"shrink": "BLOCK_K", "expand": "BLOCK_N", "sign": None}
+KERNELS = tuple(TILE_NAMES)  # each has a decode (bit-serial) and a tl.dot variant
 
 
 def _interpreting() -> bool:
@@ -289,6 +290,8 @@ def decode_rows(heights: Sequence[int], kernel: str) -> int:
     policy = DECODE_ROWS_POLICY[kernel]
     if len(heights) < (min(policy.from_tiles, 2) if _interpreting() else policy.from_tiles):
         return 1
+    # The step's tallest decode tile, not the policy's most: a kernel compiled for more rows than a step has does
+    # their adds anyway (one-row tiles ran ~13% faster on the kernels compiled for one row: decode_rows_ab.md).
     return triton.next_power_of_2(max((h for h in heights if h <= policy.max_rows), default=1))
 
 
@@ -314,7 +317,7 @@ def decode_variants(group_size: int) -> list[tuple[int, int]]:
     for n_tiles in WORK_BUCKETS:
         for rows in (1, 2, 4):
             key = []
-            for kernel in TILE_NAMES:
+            for kernel in KERNELS:
                 decode = decode_rows([rows] * n_tiles, kernel)
                 key.append((decode, tuple(decode_config(kernel, n_tiles, group_size, decode).items())))
             seen.setdefault(tuple(key), (n_tiles, rows))

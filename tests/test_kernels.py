@@ -21,8 +21,8 @@ from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
-from deltaserve.kernels.slot_metadata import KERNELS, static_tile_count
-from deltaserve.kernels.tuning import forced_unpack
+from deltaserve.kernels.slot_metadata import static_tile_count
+from deltaserve.kernels.tuning import KERNELS, forced_unpack
 
 S, D_IN, G = 4, 75, 32  # d_in not a multiple of any block; two scale groups and a partial one
 D_OUTS = (40, 33)  # stacked projections of odd widths
