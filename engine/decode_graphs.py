@@ -9,10 +9,15 @@ graph), positions, cache slots, block tables, context lengths and slot metadata 
 graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
 
 A capture costs a few eager steps plus the capture itself, on the step thread, stalling every running sequence
-once. So, as vLLM does, the base-model graph of every bucket is captured before the engine takes requests
-(capture_base), and base graphs, which read no slot buffer, outlive slot-layout changes; graphs with tenant rows
-are captured at their first step and recaptured when the layout changes. captures and capture_seconds count them
-(the server exports both).
+once (~0.25 s at 7B). So, as vLLM does, the base-model graph of every bucket is captured before the engine takes
+requests (capture_base), and base graphs, which read no slot buffer, outlive slot-layout changes. Steps with
+tenant rows need slot buffers, so their graphs are captured on use and again after a layout change; and a
+serving batch's mix of tenants changes which kernel variants its rows take (decode or tl.dot tiles, rows a tile),
+so a key per mix alone would keep capturing. A bucket's first tenant step therefore captures its covering graph,
+which launches every variant (DeltaRows.launch_every_variant) and replays any mix, and a mix gets a graph of its
+own, without the covering graph's idle launches, only once it has come exact_after times under the layout.
+captures and capture_seconds count the captures, covering_steps the steps replayed by covering graphs (the
+server exports all three).
 """
 from __future__ import annotations
 
@@ -48,13 +53,17 @@ class _Graph:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], bank: SlotBank,
-                 block_size: int, max_model_len: int, max_num_seqs: int, scratch_row: int):
+                 block_size: int, max_model_len: int, max_num_seqs: int, scratch_row: int, exact_after: int = 1):
+        if exact_after < 1:
+            raise ValueError(f"exact_after must be >= 1, got {exact_after}")
         self.model, self.kv_caches, self.bank = model, kv_caches, bank
+        self.exact_after = exact_after      # 1: every mix its own graph at once, no covering graphs
         self.block_size, self.scratch_row = block_size, scratch_row
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.device = bank.device
         self._graphs: dict[tuple[int, tuple | None], _Graph] = {}   # (P, DeltaRows.kernel_kinds or None)
+        self._seen: dict[tuple[int, tuple], int] = {}   # steps of each tenant key without a graph of its own
         self._layout: tuple | None = None
         self._pool = None
         # One side stream for every capture's warm-up: torch keeps a cuBLAS workspace per (handle, stream) for the
@@ -65,6 +74,7 @@ class DecodeGraphs:
         self._side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.captures = 0                   # graphs captured so far (a new layout recaptures)
         self.capture_seconds = 0.0          # wall time of those captures, warm-up steps included
+        self.covering_steps = 0             # steps replayed by a covering graph
 
     def can_run(self, row_slots: list[int]) -> bool:
         """Whether a decode step of these rows can replay a graph: no slot takes the per-slot torch path."""
@@ -79,12 +89,7 @@ class DecodeGraphs:
         pad_to = next(b for b in self.buckets if b >= n)
         layout = self.bank.layout_key()
         if layout != self._layout:          # a slot buffer moved or a kind appeared: tenant graphs are stale
-            for key in [k for k in self._graphs if k[1] is not None]:
-                del self._graphs[key]
-            if not self._graphs:
-                # A fresh memory pool too: the old one outlives its graphs while a returned logits view still
-                # holds a block of it, and the allocator refuses a capture into a pool whose graphs are all gone.
-                self._pool = None
+            self.drop_tenant_graphs()
             self._layout = layout
         (ids,) = upload_lists([token_ids], self.device)
         embedding = self.model.embed_tokens
@@ -96,6 +101,12 @@ class DecodeGraphs:
         rows = self.bank.static_rows(row_slots, pad_to) if any(s >= 0 for s in row_slots) else None
         key = (pad_to, None if rows is None else rows.kernel_kinds())
         g = self._graphs.get(key)
+        if g is None and rows is not None:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            if self._seen[key] < self.exact_after:
+                key = (pad_to, rows.launch_every_variant().kernel_kinds())
+                g = self._graphs.get(key)
+                self.covering_steps += 1
         if g is None:
             g = self._graphs[key] = self._capture(pad_to, attn, rows)
         else:
@@ -108,6 +119,16 @@ class DecodeGraphs:
         else:
             g.graph.replay()
         return g.logits[:n]
+
+    def drop_tenant_graphs(self) -> None:
+        """Forget every graph with tenant rows and how often each tenant mix came (base graphs stay)."""
+        for key in [k for k in self._graphs if k[1] is not None]:
+            del self._graphs[key]
+        self._seen.clear()
+        if not self._graphs:
+            # A fresh memory pool too: the old one outlives its graphs while a returned logits view still holds a
+            # block of it, and the allocator refuses a capture into a pool whose graphs are all gone.
+            self._pool = None
 
     @torch.inference_mode()
     def capture_base(self) -> None:

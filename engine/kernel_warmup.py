@@ -6,7 +6,8 @@ so every running sequence stalls with it (bench/results/first_use.md: 2.4 s TTFT
 short prefill took a new row-tile height). Like vLLM's start-up dummy runs with dummy LoRAs, the engine
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
-variant, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
+variant, every variant at once on the static tiles of covering decode graphs (engine/decode_graphs.py) once per
+decode split, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
 state is touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels
 on disk, so a restart on the same machine loads them in milliseconds.
 """
@@ -23,7 +24,7 @@ from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.paged_attention import paged_decode_attention
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
-from deltaserve.kernels.tuning import WORK_BUCKETS, block_m_for, decode_variants, warmup_configs
+from deltaserve.kernels.tuning import WORK_BUCKETS, block_m_for, covering_variants, decode_variants, warmup_configs
 
 DOT_ROWS = (16, 32, 64)  # rows of one tenant: one tl.dot row tile of each height block_m_for gives
 SLOTS = max(WORK_BUCKETS)  # one row on each of n slots makes n decode tiles
@@ -56,15 +57,20 @@ Call = tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]   # see _calls; y is
 
 
 def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator) -> list[Call]:
-    """(tl.dot tile height or 0 for decode tiles, x, y, rows) of every warm-up call: one tenant's DOT_ROWS rows,
-    and `rows` rows on each of n slots for every (n, rows) of decode_variants."""
-    row_slots = [(block_m_for(n), [0] * n) for n in DOT_ROWS] + [
-        (0, [slot for slot in range(n) for _ in range(rows)]) for n, rows in decode_variants(GROUP_SIZE)]
+    """(tl.dot tile height or 0 for the launch table's own choice, x, y, rows) of every warm-up call: one tenant's
+    DOT_ROWS rows, `rows` rows on each of n slots for every (n, rows) of decode_variants, and one row on each of n
+    slots in static metadata launching every variant for every n of covering_variants (n tiles there)."""
+    row_slots = [(block_m_for(n), [0] * n, False) for n in DOT_ROWS] + [
+        (0, [slot for slot in range(n) for _ in range(rows)], False) for n, rows in decode_variants(GROUP_SIZE)] + [
+        (0, list(range(n)), True) for n in covering_variants(GROUP_SIZE)]
     calls = []
-    for block_m, slots in row_slots:
+    for block_m, slots, covering in row_slots:
         x = torch.randn(len(slots), d_in, generator=g, device=g.device).to(dtype)
         y = torch.zeros(len(slots), d_total, dtype=dtype, device=g.device)
-        calls.append((block_m, x, y, SlotMetadata.from_host(slots, SLOTS, g.device)))
+        meta = SlotMetadata.from_host(slots, SLOTS, g.device, pad_to=len(slots) if covering else None)
+        if covering:
+            meta.launch_every_variant()
+        calls.append((block_m, x, y, meta))
     return calls
 
 

@@ -195,7 +195,9 @@ class LLMEngine:
         s.delta_slot_bytes = self.runner.bank.nbytes()
         s.kv_cache_bytes = self.runner.kv_cache_bytes
         graphs = self.runner.graphs
-        s.graph_captures, s.graph_capture_seconds = (graphs.captures, graphs.capture_seconds) if graphs else (0, 0.0)
+        if graphs is not None:
+            s.graph_captures, s.graph_capture_seconds = graphs.captures, graphs.capture_seconds
+            s.graph_covering_steps = graphs.covering_steps
         return dataclasses.replace(s)
 
 

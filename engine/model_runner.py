@@ -47,7 +47,8 @@ class ModelRunner:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         graphs = config.cuda_graphs if config.cuda_graphs is not None else self.device.type == "cuda"
         self.graphs = DecodeGraphs(self.model, self.kv_caches, self.bank, config.block_size, config.max_model_len,
-                                   config.max_num_seqs, self.num_blocks * config.block_size) if graphs else None
+                                   config.max_num_seqs, self.num_blocks * config.block_size,
+                                   config.exact_graph_after) if graphs else None
         warm = config.kernel_warmup if config.kernel_warmup is not None else (
             self.device.type == "cuda" and config.delta_kernels)
         self.warmup_launches = warm_up_kernels(self.model, self.kv_caches[0], config.block_size) if warm else 0

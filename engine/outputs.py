@@ -53,5 +53,6 @@ class EngineStats:
     kv_cache_bytes: int = 0
     graph_captures: int = 0             # decode CUDA graphs captured since start (start-up ones included)
     graph_capture_seconds: float = 0.0  # step-thread time those captures took
+    graph_covering_steps: int = 0       # decode steps replayed by a batch size's covering graph
     running_slots: list[int] = field(default_factory=list)   # slots of running requests (for lora_requests_info)
     waiting_slots: list[int] = field(default_factory=list)

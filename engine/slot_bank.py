@@ -31,6 +31,14 @@ class DeltaRows:
         part of a captured decode graph's key, as a graph holds only its capturing step's launches."""
         return tuple(None if m is None else m.launch_kinds() for m in (self.packed, self.sign))
 
+    def launch_every_variant(self) -> DeltaRows:
+        """These (static) rows with every kind's metadata launching every kernel variant
+        (SlotMetadata.launch_every_variant): a graph captured with them replays any step of their padding."""
+        for meta in (self.packed, self.sign):
+            if meta is not None:
+                meta.launch_every_variant()
+        return self
+
     def copy_(self, other: DeltaRows) -> None:
         """Take `other`'s rows into these tensors in place (both from SlotBank.static_rows at one pad_to)."""
         for name in ("row_slots", "gather_slots", "base_mask"):

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from .tables import upload_lists, upload_packed
-from .tuning import KERNELS, block_m_for, decode_rows
+from .tuning import DECODE_ROWS_POLICY, KERNELS, block_m_for, decode_rows
 
 # Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
 STATIC_BLOCK_M = 16
@@ -21,6 +21,11 @@ class TileKinds(NamedTuple):
     decode: bool      # some tile has at most decode_rows rows
     dot: bool         # some tile is taller: the tl.dot variant
     decode_rows: int  # tuning.decode_rows of the step's tile heights; the decode variant's DECODE_ROWS
+
+    def covers(self, other: TileKinds) -> bool:
+        """Whether launches of these kinds handle every tile of a step that needs `other`: the same kinds, or both
+        variants (each tile then goes to exactly one of them, whatever decode_rows splits them at)."""
+        return self == other or (self.decode and self.dot)
 
 
 @dataclass(eq=False)
@@ -105,7 +110,7 @@ class SlotMetadata:
         if (self.num_rows, self.num_slots) != (other.num_rows, other.num_slots):
             raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
                              f"self is {self.num_rows} rows of {self.num_slots} slots")
-        if other.launch_kinds() != self.launch_kinds():
+        if not all(mine.covers(theirs) for mine, theirs in zip(self.launch_kinds(), other.launch_kinds())):
             raise ValueError(f"other's rows need {other.launch_kinds()}, self's launch {self.launch_kinds()}: a "
                              f"graph captured with self would run the wrong kernels")
         self._flat.copy_(other._flat, non_blocking=True)
@@ -113,6 +118,14 @@ class SlotMetadata:
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host, other.row_slots_host)
         # Tiles of any other height were cut for the old rows (only the references ask for them).
         self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
+
+    def launch_every_variant(self) -> None:
+        """Make this static metadata launch both variants of every kernel, the decode one at its policy's most
+        rows a tile, whatever its rows: a graph captured with it replays any step of its padding (copy_ takes
+        them all), at the price of idle launches and of decode variants compiled for more rows than a step has."""
+        if not self.static:
+            raise ValueError("launch_every_variant needs static metadata (from_host with pad_to)")
+        self._kinds = {k: TileKinds(True, True, DECODE_ROWS_POLICY[k].max_rows) for k in KERNELS}
 
     def split_long(self, min_rows: int) -> tuple[SlotMetadata | None, list[tuple[int, slice | torch.Tensor]]]:
         """(Metadata of the rows outside segments of min_rows or more rows, None if no row with a slot is left;
@@ -161,9 +174,10 @@ class SlotMetadata:
 
     def tile_kinds(self, kernel: str) -> TileKinds:
         """Which of `kernel`'s decode and tl.dot variants this step's row tiles (see launch_tiles) take. Static
-        metadata takes in only steps of its own kinds (copy_ checks), so a graph captured with it holds every
-        launch its replays need and none they do not (an idle launch of the other kind costs a few
-        microseconds, 400 times a 7B step)."""
+        metadata takes in only steps whose kinds its own cover (copy_ checks), so a graph captured with it holds
+        every launch its replays need; with exactly their kinds, none they do not (an idle launch of the other
+        kind costs a few microseconds, 400 times a 7B step), unless it launches every variant
+        (launch_every_variant)."""
         if kernel not in self._kinds:  # asked by every delta call of a step: worked out once
             block_m = self.tile_height
             heights = [min(n - m0, block_m) for n in self.seg_lens_host for m0 in range(0, n, block_m)]

@@ -324,6 +324,17 @@ def decode_variants(group_size: int) -> list[tuple[int, int]]:
     return list(seen.values())
 
 
+def covering_variants(group_size: int) -> list[int]:
+    """Row-tile counts, one per distinct set of the three kernels' decode_config at their policy's most rows: the
+    decode compiles that launches of every variant (SlotMetadata.launch_every_variant) take at this group size."""
+    seen: dict[tuple, int] = {}
+    for n_tiles in WORK_BUCKETS:
+        key = tuple(tuple(decode_config(k, n_tiles, group_size, DECODE_ROWS_POLICY[k].max_rows).items())
+                    for k in KERNELS)
+        seen.setdefault(key, n_tiles)
+    return list(seen.values())
+
+
 # Registers a thread of the expand decode kernel may take, by DECODE_ROWS. Left to itself ptxas took 95 (one row),
 # 167 (two) and 243 (four): 5, 3 and 2 programs an SM. Capped, it needs no spills up to two rows and 5 spilled
 # registers at four (SASS with triton 3.6 for sm_90); four rows ran 1.2-1.9x faster capped

@@ -93,14 +93,20 @@ class _StateCollector(Collector):
         yield steps
         # A capture stalls every running sequence once (its inter-token gap): these say how often and how long.
         captures = CounterMetricFamily("deltaserve_decode_graph_captures", "Decode CUDA graphs captured since "
-                                       "start (the base model's at start-up; a tenant step's at its first batch "
-                                       "size and after a slot-layout change).")
+                                       "start (the base model's at start-up; with tenant rows, a batch size's "
+                                       "covering graph at its first step and a tenant mix's own once it recurs, "
+                                       "again after a slot-layout change).")
         captures.add_metric([], s.graph_captures)
         yield captures
         capture_s = CounterMetricFamily("deltaserve_decode_graph_capture_seconds", "Engine time spent capturing "
                                         "decode CUDA graphs, warm-up steps included.")
         capture_s.add_metric([], s.graph_capture_seconds)
         yield capture_s
+        covering = CounterMetricFamily("deltaserve_decode_graph_covering_steps", "Decode steps replayed by a "
+                                       "batch size's covering graph (every kernel variant launched), their "
+                                       "tenant mix having no graph of its own yet.")
+        covering.add_metric([], s.graph_covering_steps)
+        yield covering
         yield from _cache_gauges(self.cache_stats(), s.delta_slot_bytes)
 
 

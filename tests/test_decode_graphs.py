@@ -34,12 +34,31 @@ def test_static_decode_steps_give_the_eager_tokens(tenants):
     eager = _generate(make_engine(tenants, cuda_graphs=False), SLOTS)
     engine = make_engine(tenants, cuda_graphs=True)
     assert _generate(engine, SLOTS) == eager
-    # Kernel-path tenants only: every decode step takes the static path. Slot 0's three rows take the tl.dot
-    # kernels once all three decode, slot 1's two the decode kernels (under the interpreter, which sends two-row
-    # tiles there from two tiles up: tuning.decode_rows): steps of different kernel kinds.
-    kernel_slots = (0, 1, -1, 1, 0, 0)
-    assert _generate(make_engine(tenants, cuda_graphs=True), kernel_slots) == _generate(
-        make_engine(tenants, cuda_graphs=False), kernel_slots)
+    # Kernel-path tenants only: test_tenant_mixes_replay_covering_graphs_until_they_recur.
+
+
+def _covering(kinds) -> bool:
+    """Whether a graph key's kinds are a covering graph's: every kernel variant of every kind present."""
+    return all(k is None or all(t.decode and t.dot for t in k) for k in kinds)
+
+
+@pytest.mark.parametrize("exact_after", [1, 3])
+def test_tenant_mixes_replay_covering_graphs_until_they_recur(tenants, exact_after):
+    """exact_graph_after=3: a tenant mix's first two decode steps replay its batch size's covering graph (every
+    kernel variant launched), the third captures its own; 1: each mix its own graph at once, no covering graph.
+    The tokens are the eager engine's either way."""
+    slots = (0, 1, -1, 1, 0, 0)   # kernel-path tenants: tl.dot tiles for slot 0 once its three rows decode
+    engine = make_engine(tenants, cuda_graphs=True, exact_graph_after=exact_after)
+    graphs = engine.runner.graphs
+    assert _generate(engine, slots) == _generate(make_engine(tenants, cuda_graphs=False), slots)
+    tenant_keys = [kinds for _, kinds in graphs._graphs if kinds is not None]
+    covering = [kinds for kinds in tenant_keys if _covering(kinds)]
+    if exact_after == 1:
+        assert not covering and graphs.covering_steps == 0 and len({k for k in tenant_keys}) >= 2
+    else:
+        assert covering and graphs.covering_steps >= exact_after - 1
+        assert len(covering) < len(tenant_keys)   # recurring mixes got graphs of their own
+        assert all(n < exact_after for key, n in graphs._seen.items() if key not in graphs._graphs)
 
 
 def test_a_reloaded_slot_changes_the_static_steps_output(tenants):

@@ -394,6 +394,32 @@ def test_static_copy_then_launch_equals_fresh_launch(kind: str, gen) -> None:
     _assert_close(got, reference, y0, second + [-1] * (P - len(second)), seed)
 
 
+@pytest.mark.parametrize("kind", ["lowrank", "sign"])
+def test_covering_metadata_replays_every_row_mix(kind: str, gen) -> None:
+    """Static metadata launching every variant (a covering decode graph's): after copy_ of mixes whose kernels
+    differ (one-row tiles only, two- and three-row tiles, a full 16-row tile next to one-row ones, all base), each
+    launch equals the reference of that mix."""
+    g, seed = gen
+    P = 20
+    projections = _kind_projections(kind, g)
+    plan = lowrank_plan_for(projections) if kind == "lowrank" else sign_plan_for(projections)
+    held = SlotMetadata.from_host([0], S, torch.device("cpu"), pad_to=P)
+    held.launch_every_variant()
+    assert all(k.decode and k.dot for k in held.launch_kinds())
+    mixes = [[3, 0, 2, 1], [2, 2, -1, 0, 0, 0, 1], [1] * 16 + [0, 3, -1, 2], [-1] * 5]
+    kinds = {SlotMetadata.from_host(rows, S, torch.device("cpu"), pad_to=P).launch_kinds() for rows in mixes}
+    assert len(kinds) >= 3, "the mixes must need different launches"
+    for rows in mixes:
+        padded = rows + [-1] * (P - len(rows))
+        x, y0, _ = _batch(padded, torch.float16, g)
+        held.copy_(SlotMetadata.from_host(rows, S, torch.device("cpu"), pad_to=P))
+        got, want = y0.clone(), y0.clone()
+        _launch(kind, got, x, held, projections, plan)
+        (add_lowrank_delta_reference(want, x, held, projections, G) if kind == "lowrank" else
+         add_sign_delta_reference(want, x, held, projections))
+        _assert_close(got, want, y0, padded, seed)
+
+
 def test_static_copy_rejects_other_padding() -> None:
     cpu = torch.device("cpu")
     held = SlotMetadata.from_host([0, 1], S, cpu, pad_to=4)
@@ -406,6 +432,8 @@ def test_static_copy_rejects_other_padding() -> None:
         held.copy_(SlotMetadata.from_host([2, 2, 2], S, cpu, pad_to=4))
     with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
+    with pytest.raises(ValueError, match="launch_every_variant needs static metadata"):
+        SlotMetadata.from_host([0, 1], S, cpu).launch_every_variant()
 
 
 def test_multi_row_tiles_follow_each_kernels_decode_policy(monkeypatch) -> None:
@@ -471,9 +499,11 @@ def test_dense_path_on_cuda(dtype: torch.dtype, gen) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_replays_after_copy(gen) -> None:
+@pytest.mark.parametrize("covering", [False, True], ids=["own_kinds", "covering"])
+def test_cuda_graph_replays_after_copy(gen, covering: bool) -> None:
     """Capture add_lowrank_delta and add_sign_delta with static metadata after a warm-up call; replay after
-    copy_ of another row mix (and new x, y): equal to the reference of that mix."""
+    copy_ of another row mix (and new x, y): equal to the reference of that mix. covering: the metadata launches
+    every variant (a covering decode graph's), and the replayed mix needs other kinds than the captured one."""
     _, seed = gen
     g = torch.Generator(device="cuda").manual_seed(seed)
     dev, P, gs = torch.device("cuda"), 16, 128  # the GPU configs' tiles need groups of 128
@@ -482,6 +512,8 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     x = torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g)
     y = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)
     meta = SlotMetadata.from_host([0, 0, 1, 1, 1, 1, 1, 2, 3], S, dev, pad_to=P)  # both variants of each kernel
+    if covering:
+        meta.launch_every_variant()
 
     def step() -> None:
         add_lowrank_delta(y, x, meta, lowrank, gs, plan=lowrank_plan)
@@ -496,6 +528,10 @@ def test_cuda_graph_replays_after_copy(gen) -> None:
     with torch.cuda.graph(graph):
         step()
     rows = [3, -1, 2, 0, 1, 1, 1, 1, 1, -1, 2, 0, 1]  # the same kinds (SlotMetadata.launch_kinds)
+    if covering:  # a three-row tile, one-row tiles, and no tile over four rows: other kinds
+        rows = [3, -1, 2, 0, 2, -1, 2, 1]
+        assert SlotMetadata.from_host(rows, S, dev, pad_to=P).launch_kinds() != SlotMetadata.from_host(
+            [0, 0, 1, 1, 1, 1, 1, 2, 3], S, dev, pad_to=P).launch_kinds()
     meta.copy_(SlotMetadata.from_host(rows, S, dev, pad_to=P))
     x.copy_(torch.randn(P, D_IN, device=dev, dtype=torch.float16, generator=g))
     y0 = torch.randn(P, sum(D_OUTS), device=dev, dtype=torch.float16, generator=g)

@@ -271,7 +271,8 @@ def test_health_ready_metrics(served):
                  "deltaserve_e2e_request_latency_seconds_bucket", "deltaserve_num_requests_running",
                  "deltaserve_kv_cache_usage_ratio", "deltaserve_device_memory_bytes", "deltaserve_delta_tier_events_total",
                  "deltaserve_delta_load_seconds_bucket", "deltaserve_decode_graph_captures_total",
-                 "deltaserve_decode_graph_capture_seconds_total", "vllm:lora_requests_info"):
+                 "deltaserve_decode_graph_capture_seconds_total", "deltaserve_decode_graph_covering_steps_total",
+                 "vllm:lora_requests_info"):
         assert name in text, name
     assert 'deltaserve_requests_total{endpoint="chat",tenant="alpha"}' in text
     # Three tenants went through two slots: loads, misses and at least one eviction were counted.
