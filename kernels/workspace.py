@@ -9,5 +9,6 @@ def fp32_workspace(y: torch.Tensor) -> torch.Tensor:
 
 def add_workspace(y: torch.Tensor, ws: torch.Tensor) -> None:
     """y += ws with one rounding to y's dtype (as the references do); rows the kernels skipped hold 0 in ws, so
-    they come back bit-identical."""
-    y.copy_((y.float() + ws).to(y.dtype))
+    they come back bit-identical. One in-place add: torch adds in the common dtype (fp32) and rounds once into y,
+    where (y.float() + ws).to(y.dtype) copied into y took four kernels (a CUDA-graph node each, per linear)."""
+    y.add_(ws)
