@@ -72,7 +72,7 @@ def main() -> None:
     path = default_model_path() if args.model == "smollm2" else random_7b(args.work / "llama2-7b-random", args.device)
     engine = LLMEngine(EngineConfig(str(path), device=args.device, dtype=dtype, max_slots=max(max(tenants), 1),
                                     max_num_seqs=max(batches), max_model_len=args.prompt_len + args.steps + 8,
-                                    cuda_graphs=False if args.eager else None))
+                                    cuda_graphs=False if args.eager else None, exact_graph_after=1))
     for slot in range(max(tenants)):
         engine.load_delta(slot, random_delta(engine.base_shapes, engine.base_fingerprint, seed=slot))
     vocab = engine.runner.model.config.vocab_size

@@ -101,9 +101,13 @@ class Bench:
         write_all(self.res, self.args.out, plots=self.res["complete"])
 
     def engine(self, slots: int, **options):
+        """An engine for the fixed-mix decode points. exact_graph_after=1: each mix gets its own decode graph at its
+        first step, the steady state a serving engine reaches once a mix has recurred (engine/decode_graphs.py);
+        bench/tenant_mix_steps.py measures the changing mixes."""
         blocks = max(self.args.batches) * -(-self.seq_len // 16) + 1
         return build_engine(self.path, self.args.device, self.dtype, max_slots=max(slots, 1), num_kv_blocks=blocks,
-                            max_num_seqs=max(self.args.batches), max_model_len=self.seq_len, **options)
+                            max_num_seqs=max(self.args.batches), max_model_len=self.seq_len,
+                            **{"exact_graph_after": 1, **options})
 
     def row(self, engine, system: str, batch: int, tenants: int, step_s: float, delta_bytes: int,
             warmup: int | None = None, steps: int | None = None) -> dict:
