@@ -6,6 +6,7 @@ server's never compete for one GIL, as with a real client and server.
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -78,8 +79,9 @@ class ServerProcess:
         config.write_text(yaml.safe_dump(self._config()))
         self._log = self.log_path.open("w")
         # `python -m` rather than the `deltaserve` script: the GPU machine runs the checkout uninstalled.
+        # PYTHONSAFEPATH: no cwd on sys.path, where the checkout's kernels/ would shadow transformers' `kernels`.
         self.proc = subprocess.Popen([sys.executable, "-m", "deltaserve.server.cli", "serve", "--config", str(config),
-                                      "--log-level", "warning"],
+                                      "--log-level", "warning"], env={**os.environ, "PYTHONSAFEPATH": "1"},
                                      stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         try:
             self._wait_ready()
