@@ -39,7 +39,7 @@ from load_schedule import make_schedule
 from serve_client import RequestShape, run_schedule, single
 from serve_cold import cold_probes, probe_plan
 from serve_process import ServerProcess, ServerSpec
-from serve_report import load_summary, tier_summary, write
+from serve_report import graph_summary, load_summary, tier_summary, write
 from serve_tenants import delta_pool, register
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +147,8 @@ def run(config: LoadConfig, command: str) -> list[Path]:
         print(f"cold probes: {len(plan)} done", flush=True)
         before = server.metrics()
         results, wall = asyncio.run(run_schedule(server.url, schedule, shape, config.drain, config.timeout))
-        tiers = tier_summary(before, server.metrics())
+        after = server.metrics()
+        tiers, graphs = tier_summary(before, after), graph_summary(before, after)
     print(f"server stopped (exit code {server.exit_code})", flush=True)
     result = {
         "command": command, "device": device_name(config.device), "model_name": model_tag, "model_path": model_path,
@@ -156,7 +157,7 @@ def run(config: LoadConfig, command: str) -> list[Path]:
         "tenants": {"registered": config.tenants, "uploaded_this_run": uploaded, "register_s": register_s,
                     "distinct_delta_files": len(pool), "delta_file_bytes": pool[0].stat().st_size,
                     "store_bytes": sum(p.stat().st_size for p in store.rglob("*.safetensors"))},
-        "load": load_summary(results, wall), "tiers_during_load": tiers, "cold": cold,
+        "load": load_summary(results, wall), "tiers_during_load": tiers, "graphs_during_load": graphs, "cold": cold,
         "server_exit_code": server.exit_code,
     }
     return write(result, results, config.out / f"serve_load_{model_tag}_{config.tenants}t")

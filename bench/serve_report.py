@@ -45,6 +45,18 @@ def tier_summary(before: dict[str, float], after: dict[str, float]) -> dict:
     return out
 
 
+GRAPH_COUNTERS = {"captures": "deltaserve_decode_graph_captures_total{}",
+                  "capture_s": "deltaserve_decode_graph_capture_seconds_total{}",
+                  "covering_steps": "deltaserve_decode_graph_covering_steps_total{}"}
+
+
+def graph_summary(before: dict[str, float], after: dict[str, float]) -> dict:
+    """The engine's decode-graph counters over the load run (from /metrics): captures, their seconds on the step
+    thread (each pauses every running sequence), and steps replayed by covering graphs."""
+    diff = metrics_diff(before, after)
+    return {name: diff.get(key) for name, key in GRAPH_COUNTERS.items()}
+
+
 def _fmt(x: float | None, scale: float = 1000.0) -> str:
     return "-" if x is None else f"{x * scale:.1f}"
 
@@ -70,6 +82,11 @@ def markdown(result: dict) -> str:
               "| tier | hits | misses | loads | evictions | mean load (ms) |", "|---|---:|---:|---:|---:|---:|"]
     for tier, t in tiers.items():
         lines.append(f"| {tier} | {t['hit']} | {t['miss']} | {t['load']} | {t['eviction']} | {_fmt(t['mean_load_s'])} |")
+    g = result.get("graphs_during_load")
+    if g and g["captures"] is not None:
+        lines += ["", f"Decode CUDA graphs during the run (server counters): {int(g['captures'])} captured, "
+                  f"{g['capture_s']:.2f} s of capture on the step thread, "
+                  f"{int(g['covering_steps'] or 0)} steps replayed by covering graphs."]
     lines += ["", f"Cold-tenant loads (one request at a time, idle server; page cache dropped for "
               f"{cold['page_cache_dropped_files']} probe files):", "",
               "| delta was on | TTFT p50 (ms) | TTFT mean (ms) | server: whole slot load, mean (ms) | "
