@@ -63,6 +63,7 @@ class LoadConfig:
     prompt_words: int = 64
     max_tokens: int = 64
     max_num_seqs: int = 64
+    exact_graph_after: int = 16     # the engine's (1: every tenant mix its own decode graph at its first step)
     cold_probes: int = 3            # host-tier probes; disk probes = max_slots + this
     seed: int = 0
     timeout: float = 600.0          # per request (s)
@@ -131,7 +132,7 @@ def run(config: LoadConfig, command: str) -> list[Path]:
     spec = ServerSpec(model=model_path, device=config.device, dtype=config.dtype, max_slots=config.max_slots,
                       host_bytes=config.host_bytes, store=store, admin_key=secrets.token_hex(16),
                       max_model_len=prompt_tokens + config.max_tokens + 64,
-                      max_num_seqs=config.max_num_seqs)
+                      max_num_seqs=config.max_num_seqs, exact_graph_after=config.exact_graph_after)
     schedule = make_schedule(config.requests, config.rate, config.tenants, config.zipf, config.duration, config.seed)
     config.work.mkdir(parents=True, exist_ok=True)
     with ServerProcess(spec, config.work / "server.log") as server:

@@ -36,6 +36,7 @@ class ServerSpec:
     max_model_len: int
     max_num_seqs: int
     served_model_name: str = "base"
+    exact_graph_after: int = 16   # EngineConfig's: when a tenant mix gets a decode graph of its own
 
 
 def _die_with_parent() -> None:
@@ -66,7 +67,8 @@ class ServerProcess:
         s = self.spec
         return {
             "engine": {"model": s.model, "device": s.device, "dtype": s.dtype, "max_slots": s.max_slots,
-                       "max_model_len": s.max_model_len, "max_num_seqs": s.max_num_seqs},
+                       "max_model_len": s.max_model_len, "max_num_seqs": s.max_num_seqs,
+                       "exact_graph_after": s.exact_graph_after},
             "server": {"host": "127.0.0.1", "port": self.port, "served_model_name": s.served_model_name,
                        "admin_key": s.admin_key, "require_api_key": False, "max_upload_bytes": "16GiB"},
             # The host tier size is a config-file setting only (no CLI flag), hence the file.
