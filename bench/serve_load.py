@@ -63,7 +63,7 @@ class LoadConfig:
     prompt_words: int = 64
     max_tokens: int = 64
     max_num_seqs: int = 64
-    exact_graph_after: int = 16     # the engine's (1: every tenant mix its own decode graph at its first step)
+    exact_graph_after: int = 1      # the engine's; 1 (its default): every tenant mix its own graph at once
     cold_probes: int = 3            # host-tier probes; disk probes = max_slots + this
     seed: int = 0
     timeout: float = 600.0          # per request (s)

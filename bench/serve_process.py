@@ -36,7 +36,7 @@ class ServerSpec:
     max_model_len: int
     max_num_seqs: int
     served_model_name: str = "base"
-    exact_graph_after: int = 16   # EngineConfig's: when a tenant mix gets a decode graph of its own
+    exact_graph_after: int = 1    # EngineConfig's (and its default): when a tenant mix gets a graph of its own
 
 
 def _die_with_parent() -> None:

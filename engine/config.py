@@ -26,8 +26,9 @@ class EngineConfig:
     delta_kernels: bool = True          # False: the PyTorch delta path on CUDA too (the benchmarks' baseline)
     cuda_graphs: bool | None = None     # decode steps replayed from CUDA graphs; None: on CUDA. True off CUDA
     #                                     runs the same padded static-shaped step without capturing (tests)
-    exact_graph_after: int = 16         # a tenant mix's own decode graph once the mix has come this often; until
-    #                                     then its batch size's covering graph (engine/decode_graphs.py). 1: at once
+    exact_graph_after: int = 1          # a tenant mix's own decode graph once the mix has come this often; until
+    #                                     then its batch size's covering graph (engine/decode_graphs.py). 1: at once,
+    #                                     no covering graphs (the default until bench/tenant_mix_steps.py has run)
     kernel_warmup: bool | None = None   # compile the Triton kernels before taking requests (engine/kernel_warmup.py);
     #                                     None: on CUDA with delta_kernels. True off CUDA needs TRITON_INTERPRET=1
 

@@ -93,17 +93,19 @@ def test_base_graphs_are_made_up_front_and_outlive_a_layout_change(tenants):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_matches_eager(tenants):
+@pytest.mark.parametrize("exact_after", [1, 3])
+def test_cuda_graph_replay_matches_eager(tenants, exact_after):
+    """exact_after=3: the first steps of each mix replay covering graphs (every kernel variant)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     slots = (0, 1, -1, 1, 0, -1, 0)
     kw = dict(device="cuda", dtype="float32")
     eager = _generate(make_engine(tenants, cuda_graphs=False, **kw), slots)
-    engine = make_engine(tenants, cuda_graphs=True, **kw)
+    engine = make_engine(tenants, cuda_graphs=True, exact_graph_after=exact_after, **kw)
     graphs = engine.runner.graphs
     assert graphs.captures == len(graphs.buckets) and graphs.capture_seconds > 0   # the base graphs, at start-up
     assert _generate(engine, slots) == eager
-    assert graphs.captures > len(graphs.buckets)
+    assert graphs.captures > len(graphs.buckets) and (graphs.covering_steps > 0) == (exact_after > 1)
     assert _generate(engine, slots[:3]) == _generate(make_engine(tenants, cuda_graphs=False, **kw), slots[:3])
     # Slot 0 swapped to the bitdelta tenant by a planned load, then back: the captured graphs follow.
     for delta in (tenants.deltas[1], tenants.deltas[0]):
