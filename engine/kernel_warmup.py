@@ -7,7 +7,7 @@ short prefill took a new row-tile height). Like vLLM's start-up dummy runs with 
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
 variant, every variant at once on the static tiles of covering decode graphs (engine/decode_graphs.py) once per
-decode split, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
+decode split where the engine uses them, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
 state is touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels
 on disk, so a restart on the same machine loads them in milliseconds.
 """
@@ -32,9 +32,10 @@ GROUP_SIZE = 128          # the compressor's default; a delta of another group s
 SIGN_ROWS = 64            # sign matrix rows per part: the row count is a runtime argument, so a few will do
 
 
-def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int) -> int:
+def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], block_size: int,
+                    covering: bool = False) -> int:
     """Launch every delta kernel variant for each distinct linear shape of the model, and paged attention;
-    returns the number of launches."""
+    returns the number of launches. covering: the engine replays covering decode graphs, so their variants too."""
     shapes = {}
     for module in [*model.layers[0].modules(), model.lm_head]:
         if isinstance(module, DeltaLinear):
@@ -43,7 +44,7 @@ def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tenso
     g = torch.Generator(device=kv_cache[0].device).manual_seed(0)
     launches = 0
     for (d_in, d_outs), dtype in shapes.items():
-        calls = _calls(d_in, sum(d_outs), dtype, g)
+        calls = _calls(d_in, sum(d_outs), dtype, g, covering)
         launches += _lowrank(d_in, d_outs, calls, g) + _sign(d_in, d_outs, calls, g)
     return launches + _attention(model, kv_cache, block_size, g)
 
@@ -56,13 +57,14 @@ def _parts(d_outs: tuple[int, ...]) -> list[tuple[int, int]]:
 Call = tuple[int, torch.Tensor, torch.Tensor, SlotMetadata]   # see _calls; y is scratch, shared by the kernels
 
 
-def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator) -> list[Call]:
+def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator, covering: bool) -> list[Call]:
     """(tl.dot tile height or 0 for the launch table's own choice, x, y, rows) of every warm-up call: one tenant's
-    DOT_ROWS rows, `rows` rows on each of n slots for every (n, rows) of decode_variants, and one row on each of n
-    slots in static metadata launching every variant for every n of covering_variants (n tiles there)."""
+    DOT_ROWS rows, `rows` rows on each of n slots for every (n, rows) of decode_variants, and with `covering` one
+    row on each of n slots in static metadata launching every variant for every n of covering_variants (n tiles
+    there)."""
     row_slots = [(block_m_for(n), [0] * n, False) for n in DOT_ROWS] + [
         (0, [slot for slot in range(n) for _ in range(rows)], False) for n, rows in decode_variants(GROUP_SIZE)] + [
-        (0, list(range(n)), True) for n in covering_variants(GROUP_SIZE)]
+        (0, list(range(n)), True) for n in (covering_variants(GROUP_SIZE) if covering else [])]
     calls = []
     for block_m, slots, covering in row_slots:
         x = torch.randn(len(slots), d_in, generator=g, device=g.device).to(dtype)

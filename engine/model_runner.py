@@ -51,7 +51,9 @@ class ModelRunner:
                                    config.exact_graph_after) if graphs else None
         warm = config.kernel_warmup if config.kernel_warmup is not None else (
             self.device.type == "cuda" and config.delta_kernels)
-        self.warmup_launches = warm_up_kernels(self.model, self.kv_caches[0], config.block_size) if warm else 0
+        covering = self.graphs is not None and config.exact_graph_after > 1
+        self.warmup_launches = warm_up_kernels(self.model, self.kv_caches[0], config.block_size,
+                                               covering) if warm else 0
         if self.graphs is not None and self.device.type == "cuda":
             self.graphs.capture_base()   # after the kernel warm-up, so no capture waits on a compile
 

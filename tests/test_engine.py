@@ -67,6 +67,9 @@ def test_kernel_warmup_changes_nothing_the_engine_serves(tmp_path):
     cold = LLMEngine(EngineConfig(**settings))
     warm = LLMEngine(EngineConfig(**settings, kernel_warmup=True))
     assert cold.runner.warmup_launches == 0 and warm.runner.warmup_launches > 0
+    # An engine that replays covering decode graphs also launches their every-variant calls.
+    covering = LLMEngine(EngineConfig(**settings, kernel_warmup=True, cuda_graphs=True, exact_graph_after=3))
+    assert covering.runner.warmup_launches > warm.runner.warmup_launches
     assert not any(k.any() or v.any() for k, v in warm.runner.kv_caches)
     assert warm.runner.bank.layout_key() == cold.runner.bank.layout_key()
     for engine in (cold, warm):
