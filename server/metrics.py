@@ -93,9 +93,9 @@ class _StateCollector(Collector):
         yield steps
         # A capture stalls every running sequence once (its inter-token gap): these say how often and how long.
         captures = CounterMetricFamily("deltaserve_decode_graph_captures", "Decode CUDA graphs captured since "
-                                       "start (the base model's at start-up; with tenant rows, a batch size's "
-                                       "covering graph at its first step and a tenant mix's own once it recurs, "
-                                       "again after a slot-layout change).")
+                                       "start (the base model's at start-up; with tenant rows, a tenant mix's own "
+                                       "at its exact_graph_after-th step and, when that is over 1, a batch size's "
+                                       "covering graph at its first; again after a slot-layout change).")
         captures.add_metric([], s.graph_captures)
         yield captures
         capture_s = CounterMetricFamily("deltaserve_decode_graph_capture_seconds", "Engine time spent capturing "
