@@ -7,9 +7,9 @@ short prefill took a new row-tile height). Like vLLM's start-up dummy runs with 
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
 variant, every variant at once on the static tiles of covering decode graphs (engine/decode_graphs.py) once per
-decode split where the engine uses them, the dense path's dequantization once, and the paged-attention kernels once. Nothing of the engine's
-state is touched: the synthetic deltas, inputs and outputs are thrown away. Triton keeps the compiled kernels
-on disk, so a restart on the same machine loads them in milliseconds.
+decode split where the engine uses them, the dense path's dequantization once, and the paged-attention kernels
+once. Nothing of the engine's state is touched: the synthetic deltas, inputs and outputs are thrown away.
+Triton keeps the compiled kernels on disk, so a restart on the same machine loads them in milliseconds.
 """
 from __future__ import annotations
 
@@ -66,11 +66,11 @@ def _calls(d_in: int, d_total: int, dtype: torch.dtype, g: torch.Generator, cove
         (0, [slot for slot in range(n) for _ in range(rows)], False) for n, rows in decode_variants(GROUP_SIZE)] + [
         (0, list(range(n)), True) for n in (covering_variants(GROUP_SIZE) if covering else [])]
     calls = []
-    for block_m, slots, covering in row_slots:
+    for block_m, slots, every_variant in row_slots:
         x = torch.randn(len(slots), d_in, generator=g, device=g.device).to(dtype)
         y = torch.zeros(len(slots), d_total, dtype=dtype, device=g.device)
-        meta = SlotMetadata.from_host(slots, SLOTS, g.device, pad_to=len(slots) if covering else None)
-        if covering:
+        meta = SlotMetadata.from_host(slots, SLOTS, g.device, pad_to=len(slots) if every_variant else None)
+        if every_variant:
             meta.launch_every_variant()
         calls.append((block_m, x, y, meta))
     return calls
