@@ -81,12 +81,30 @@ def _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups,
     return w, z[:, None] * 0.5 * scale[None, :]
 
 
+@triton.jit
+def _expand_word_next(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok, r, p,
+                      live, nbits, SPLIT_R: tl.constexpr):
+    """_expand_word's word and zs at (rank r, plane p), p, and the (rank, plane) of the program's next word:
+    counters, not a division by nbits (~20 instructions)."""
+    w, zs = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok,
+                         r, p, live)
+    p_next = p + 1
+    return w, zs, p, tl.where(p_next == nbits, r + SPLIT_R, r), tl.where(p_next == nbits, 0, p_next)
+
+
+@triton.jit
+def _add_word(acc, centre, step, w, zs, p, odd):
+    """acc, centre and step after the bits of word w of plane p; zs is 0 unless p is 0 (w starts a rank)."""
+    step = tl.where(p == 0, 2.0 * zs, 2.0 * step)
+    return add_at_set_bits(acc, w, step), centre + zs * odd, step
+
+
 @triton.jit(do_not_specialize=["stride_zm"])
 def _expand_decode_kernel(
     ws_ptr, z_ptr, tiers_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     group_size, stride_wm, stride_zm,
-    BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr,
+    BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_R: tl.constexpr, BLOCK_WORDS: tl.constexpr,
 ):
     """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). A
     program holds BLOCK_N outputs of its rows in registers and walks ranks split, split + SPLIT_R, ...: for each
@@ -118,27 +136,39 @@ def _expand_decode_kernel(
         groups = words * 32 // group_size
         z_rows = z_ptr + rows * stride_zm + tl.load(desc + T_Z_COL).to(tl.int32)
         odd = ((1 << nbits) - 1).to(tl.float32)
-        # One loop over this program's (rank, plane) words, each loaded an iteration ahead: a thread has a
-        # load in flight while it adds the last one's bits. At small batches the grid is a few warps an SM,
-        # and waiting on each word in turn left the kernel bound by memory latency, not bandwidth (ptxas
-        # sinks a second load of the same iteration below the first one's adds, so only a loop-carried
-        # load stays ahead).
+        # One loop over this program's (rank, plane) words, each loaded an iteration ahead, BLOCK_WORDS at a time:
+        # a thread has that many loads in flight while it adds the last words' bits. At small batches the grid is
+        # a few warps an SM, and with one word in flight a thread waited on memory latency, not bandwidth
+        # (ptxas sinks a load of the same iteration below earlier adds, so only loop-carried loads stay ahead).
+        # Four words a load made one- and two-row tiles 1.2-1.4x faster and spilled registers at four rows,
+        # which keep one (bench/results/kernel_ab_expand_blocks.md).
         n_words_mine = tl.cdiv(tl.maximum(rank - split, 0), SPLIT_R) * nbits
-        w, zs = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok,
-                             split, 0, n_words_mine > 0)
-        centre += zs * odd
-        step = 2.0 * zs  # what a set bit of plane p adds: 2 zs 2^p
-        r, p = split, 0  # the word in w
-        for it in range(1, n_words_mine + 1):
-            p += 1
-            r = tl.where(p == nbits, r + SPLIT_R, r)  # counters, not it // nbits: a division is ~20 instructions
-            p = tl.where(p == nbits, 0, p)
-            w_next, zs_next = _expand_word(planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups,
-                                           z_rows, row_ok, r, p, it < n_words_mine)
-            acc = add_at_set_bits(acc, w, step)
-            centre += zs_next * odd  # zs_next is 0 unless the next word starts a rank
-            step = tl.where(p == 0, 2.0 * zs_next, 2.0 * step)
-            w = w_next
+        args = (planes, plane_stride, n_words, words, w_mask, scales, n_groups, groups, z_rows, row_ok)
+        step = tl.zeros(centre.shape, dtype=tl.float32)  # what a set bit of the word's plane p adds: 2 zs 2^p
+        w0, zs0, p0, r, p = _expand_word_next(*args, split, 0, n_words_mine > 0, nbits, SPLIT_R)
+        if BLOCK_WORDS == 1:
+            for i in range(1, n_words_mine + 1):  # adds word i - 1, loads word i
+                v0, ys0, q0, r, p = _expand_word_next(*args, r, p, i < n_words_mine, nbits, SPLIT_R)
+                acc, centre, step = _add_word(acc, centre, step, w0, zs0, p0, odd)
+                w0, zs0, p0 = v0, ys0, q0
+        else:
+            w1, zs1, p1, r, p = _expand_word_next(*args, r, p, n_words_mine > 1, nbits, SPLIT_R)
+            w2, zs2, p2, r, p = _expand_word_next(*args, r, p, n_words_mine > 2, nbits, SPLIT_R)
+            w3, zs3, p3, r, p = _expand_word_next(*args, r, p, n_words_mine > 3, nbits, SPLIT_R)
+            for i in range(4, n_words_mine + 4, 4):  # adds words i - 4 .. i - 1, loads words i .. i + 3
+                v0, ys0, q0, r, p = _expand_word_next(*args, r, p, i < n_words_mine, nbits, SPLIT_R)
+                v1, ys1, q1, r, p = _expand_word_next(*args, r, p, i + 1 < n_words_mine, nbits, SPLIT_R)
+                v2, ys2, q2, r, p = _expand_word_next(*args, r, p, i + 2 < n_words_mine, nbits, SPLIT_R)
+                v3, ys3, q3, r, p = _expand_word_next(*args, r, p, i + 3 < n_words_mine, nbits, SPLIT_R)
+                acc, centre, step = _add_word(acc, centre, step, w0, zs0, p0, odd)
+                if i - 3 < n_words_mine:  # the last block's words can lie past the program's
+                    acc, centre, step = _add_word(acc, centre, step, w1, zs1, p1, odd)
+                if i - 2 < n_words_mine:
+                    acc, centre, step = _add_word(acc, centre, step, w2, zs2, p2, odd)
+                if i - 1 < n_words_mine:
+                    acc, centre, step = _add_word(acc, centre, step, w3, zs3, p3, odd)
+                w0, w1, w2, w3, zs0, zs1, zs2, zs3 = v0, v1, v2, v3, ys0, ys1, ys2, ys3
+                p0, p1, p2, p3 = q0, q1, q2, q3
     # Output n0 + 32 w + j in order: the atomic adds of a warp then hit contiguous addresses (in acc's layout each
     # lane's 32 outputs were one word apart, a cache line per lane).
     out_n = n0 + tl.arange(0, BLOCK_N)

@@ -342,6 +342,13 @@ def covering_variants(group_size: int) -> list[int]:
 EXPAND_DECODE_REGISTERS = {1: 80, 2: 128, 4: 168}
 
 
+def expand_block_words(rows: int) -> int:
+    """Plane words an expand decode thread loads together (kernels/lowrank_expand.py): four for tiles of one or
+    two rows (1.18-1.44x faster than one, bench/results/kernel_ab_expand_blocks.md), one for four rows, where four
+    words' registers spilled under the register cap and the kernel was 1.19-1.25x slower."""
+    return 4 if rows <= 2 else 1
+
+
 def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
     """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"), chosen from
     their SASS (kernels/bitserial.py) and A/B runs (bench/results/kernel_ab_decode_tiles.md): a shrink thread
@@ -350,12 +357,14 @@ def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1)
     Fewer row tiles split the reduction more ways to fill the GPU."""
     if _interpreting():
         return {"BLOCK_R": 16, "BLOCK_K": 32, "SPLIT_K": 2} if kernel == "shrink" else \
-            {"BLOCK_N": 64, "SPLIT_R": 2} if kernel == "expand" else {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
+            {"BLOCK_N": 64, "SPLIT_R": 2, "BLOCK_WORDS": expand_block_words(rows)} if kernel == "expand" else \
+            {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
     split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
     if kernel == "shrink":
         return {"BLOCK_R": 128, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
     if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
-        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "num_warps": 4, "maxnreg": EXPAND_DECODE_REGISTERS[rows]}
+        return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "BLOCK_WORDS": expand_block_words(rows), "num_warps": 4,
+                "maxnreg": EXPAND_DECODE_REGISTERS[rows]}
     return {"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": split, "num_warps": 4}
 
 
