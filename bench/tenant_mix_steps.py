@@ -206,8 +206,8 @@ def main() -> None:
     arrivals = workload(args)
     graphs = engine.runner.graphs
     # A first replay, not among the policies, takes the costs of first use: in stop 19's run, made before it,
-    # the first policy's steps with a prefill took 0.6-1.6 s with no capture, the same steps at most 0.15 s in the
-    # later policies' replays, which charged that policy with them.
+    # 10 of the first policy's steps with a prefill, over the whole replay, took 0.6-1.6 s with no capture, the
+    # same steps at most 0.2 s in the later policies' replays, which charged that policy with them.
     graphs.exact_after = policies[0]
     res["warmup"] = summary(policies[0], replay(engine, arrivals[:args.warmup_steps], args.prompt_len,
                                                 seed=len(policies)))
