@@ -28,7 +28,8 @@ class EngineConfig:
     #                                     runs the same padded static-shaped step without capturing (tests)
     exact_graph_after: int = 1          # a tenant mix's own decode graph once the mix has come this often; until
     #                                     then its batch size's covering graph (engine/decode_graphs.py). 1: at once,
-    #                                     no covering graphs (the default until bench/tenant_mix_steps.py has run)
+    #                                     no covering graphs: measured on the H100 without a clear gain (README,
+    #                                     7B load section; bench/results/tenant_mix_steps.md)
     kernel_warmup: bool | None = None   # compile the Triton kernels before taking requests (engine/kernel_warmup.py);
     #                                     None: on CUDA with delta_kernels. True off CUDA needs TRITON_INTERPRET=1
 
