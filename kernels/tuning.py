@@ -349,7 +349,32 @@ def expand_block_words(rows: int) -> int:
     return 4 if rows <= 2 else 1
 
 
+# Meta-parameters forced_decode_config holds, by kernel (empty: decode_config's own).
+_forced_decode: dict[str, dict[str, int]] = {}
+
+
+@contextmanager
+def forced_decode_config(kernel: str, **params: int) -> Iterator[None]:
+    """Within this block `kernel`'s decode variant takes these meta-parameters in place of decode_config's, the
+    others unchanged (bench/tune_decode.py times candidates this way)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}, expected one of {KERNELS}")
+    previous = _forced_decode.pop(kernel, None)
+    _forced_decode[kernel] = params
+    try:
+        yield
+    finally:
+        _forced_decode.pop(kernel)
+        if previous is not None:
+            _forced_decode[kernel] = previous
+
+
 def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
+    """_default_decode_config's meta-parameters, with any that forced_decode_config holds for `kernel` instead."""
+    return {**_default_decode_config(kernel, work, group_size, rows), **_forced_decode.get(kernel, {})}
+
+
+def _default_decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
     """Meta-parameters of the decode (bit-serial) kernel of `kernel` ("shrink", "expand" or "sign"), chosen from
     their SASS (kernels/bitserial.py) and A/B runs (bench/results/kernel_ab_decode_tiles.md): a shrink thread
     keeps 4 words of one 32-element column of a k tile, so the 32 x values it loads serve all four (128 ranks a

@@ -226,6 +226,30 @@ def test_decode_kernels_on_forced_tile_heights(decode_rows: int, gen) -> None:
             _assert_close(got, want, y0, rows, seed)
 
 
+def test_forced_decode_configs_match_reference(gen) -> None:
+    """bench/tune_decode.py times the decode kernels' splits and program sizes through forced_decode_config: any
+    candidate shape it forces (more splits than k tiles or ranks, halved programs) still matches the reference,
+    and the forcing ends with the block."""
+    from deltaserve.kernels.tuning import decode_config, forced_decode_config
+    g, seed = gen
+    rows = [0, 1, -1, 3, 2]
+    x, y0, meta = _batch(rows, torch.float16, g)
+    lowrank = _projections(g)
+    want = y0.clone()
+    add_lowrank_delta_reference(want, x, meta, lowrank, G)
+    before = decode_config("expand", 4, G)
+    with forced_decode_config("shrink", SPLIT_K=8, BLOCK_R=32, num_warps=1), \
+            forced_decode_config("expand", SPLIT_R=16, BLOCK_N=32, num_warps=1):
+        assert decode_config("expand", 4, G)["SPLIT_R"] == 16 and decode_config("shrink", 4, G)["BLOCK_R"] == 32
+        got = y0.clone()
+        add_lowrank_delta_triton(got, x, meta, lowrank, G)
+    _assert_close(got, want, y0, rows, seed)
+    assert decode_config("expand", 4, G) == before
+    with pytest.raises(ValueError, match="unknown kernel"):
+        with forced_decode_config("gemm", SPLIT_K=2):
+            pass
+
+
 def test_reference_equals_dense_delta(gen) -> None:
     """The low-rank reference equals y += x @ (sum_t u_t^T diag(s_t) v_t)^T built from real quantized factors."""
     g, seed = gen

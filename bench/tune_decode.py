@@ -1,0 +1,157 @@
+"""Time the decode (bit-serial) kernels' meta-parameters on the GPU: splits and program sizes of the shrink and
+expand decode kernels, per row-tile count and rows a tile, summed over a Llama-2-7B layer's four shapes.
+
+tuning.decode_config picks these from the work bucket (row tiles of a launch) and the rows a tile; its splits
+came from the tl.dot kernels' autotuning, before the decode kernels existed. Here each candidate runs through
+tuning.forced_decode_config, the kernel alone (kernel_bench.ms: CUDA graph replay, L2 flushed), on batches whose
+row i belongs to tenant i % tenants, so a case's tiles all have batch / tenants rows. A candidate whose output
+differs from the default config's is reported and never ranked.
+
+Usage (GPU, ~4 min on an H100):
+    python bench/tune_decode.py [--shapes qkv,o] [--out DIR]
+writes DIR/decode_tuning.json and .md (default bench/results): per (kernel, work bucket, rows a tile) the
+default's time and the fastest candidate's, summed over the shapes, and each shape's own best.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+from deltaserve.kernels import SlotMetadata
+from deltaserve.kernels.lowrank_expand import expand_triton
+from deltaserve.kernels.lowrank_plan import lowrank_plan_for
+from deltaserve.kernels.lowrank_shrink import shrink_triton
+from deltaserve.kernels.tuning import decode_config, forced_decode_config, work_bucket
+from kernel_bench import SHAPES, Weights, make_weights, ms, rel_err
+from random_models import G
+
+# (batch, tenants): one-row tiles at every work bucket, then two- and four-row tiles.
+CASES = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (64, 64), (16, 8), (64, 32), (16, 4), (64, 16))
+CANDIDATES = {
+    "shrink": [dict(SPLIT_K=s, BLOCK_R=r, num_warps=w) for s in (2, 4, 8, 16, 32) for r, w in ((128, 4), (64, 2))],
+    "expand": [dict(SPLIT_R=s, BLOCK_N=n, num_warps=w) for s in (8, 16, 32, 64, 128, 256)
+               for n, w in ((4096, 4), (2048, 2))],
+}
+SLOTS = 64
+
+
+def name(params: dict[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+
+
+def time_case(w: Weights, batch: int, tenants: int, g: torch.Generator) -> list[dict]:
+    """Every candidate of each kernel whose decode variant this case launches: one row per (kernel, candidate)."""
+    plan = lowrank_plan_for(w.lowrank)
+    x = torch.randn(batch, w.d_in, device="cuda", dtype=torch.float16, generator=g)
+    y = torch.randn(batch, sum(w.d_outs), device="cuda", dtype=torch.float16, generator=g)
+    meta = SlotMetadata.build(torch.arange(batch, device="cuda", dtype=torch.int32) % tenants, SLOTS)
+    z = shrink_triton(x, meta, plan, G)
+
+    def expanded() -> torch.Tensor:  # the delta expand adds, in fp32
+        out = y.clone()
+        expand_triton(out, z, meta, plan, G)
+        return out.float() - y.float()
+
+    runs = {"shrink": lambda: shrink_triton(x, meta, plan, G), "expand": lambda: expand_triton(y, z, meta, plan, G)}
+    outputs = {"shrink": runs["shrink"], "expand": expanded}
+    rows_out = []
+    for kernel, cands in CANDIDATES.items():
+        decode, dot, rows = meta.tile_kinds(kernel)
+        if not decode or dot:  # timed only where every tile takes the decode kernel
+            continue
+        work = work_bucket(meta.launch_tiles()[1].shape[0])
+        want = outputs[kernel]()
+        base = dict(shape=w.name, batch=batch, tenants=tenants, kernel=kernel, work=work, rows=rows)
+        default = dict(base, config="default", params=decode_config(kernel, work, G, rows),
+                       us=ms(runs[kernel], True) * 1e3, ok=True)
+        mine = [default]
+        for params in cands:
+            row = dict(base, config=name(params), params=params, us=float("inf"), ok=False)
+            try:
+                with forced_decode_config(kernel, **params):
+                    row["ok"] = rel_err(outputs[kernel](), want) < 1e-4  # atomics in another order: rounding only
+                    row["us"] = ms(runs[kernel], True) * 1e3
+            except (CompilationError, OutOfResources) as e:  # reported, never ranked
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            mine.append(row)
+        best = min((r for r in mine[1:] if r["ok"]), key=lambda r: r["us"])
+        print(f"{w.name:8s} B={batch:3d} T={tenants:2d} {kernel:6s} w={work:2d} rows={rows}: default "
+              f"{default['us']:7.1f} us, best {best['us']:7.1f} ({best['config']})", flush=True)
+        rows_out += mine
+    return rows_out
+
+
+def summarize(rows: list[dict], shapes: list[str]) -> list[dict]:
+    """Per (kernel, work, rows a tile, batch, tenants): the default's and each candidate's time summed over the
+    shapes (a layer), the fastest candidate correct on every shape, and each shape's own fastest."""
+    out = []
+    keys = sorted({(r["kernel"], r["work"], r["rows"], r["batch"], r["tenants"]) for r in rows})
+    for kernel, work, n_rows, batch, tenants in keys:
+        mine = [r for r in rows if (r["kernel"], r["work"], r["rows"], r["batch"], r["tenants"]) ==
+                (kernel, work, n_rows, batch, tenants)]
+        totals: dict[str, float] = {}
+        for config in dict.fromkeys(r["config"] for r in mine):
+            got = [r for r in mine if r["config"] == config]
+            if len(got) == len(shapes) and all(r["ok"] for r in got):
+                totals[config] = sum(r["us"] for r in got)
+        best = min((c for c in totals if c != "default"), key=totals.get)
+        per_shape = {s: min((r for r in mine if r["shape"] == s and r["ok"] and r["config"] != "default"),
+                            key=lambda r: r["us"])["config"] for s in shapes}
+        default_params = next(r["params"] for r in mine if r["config"] == "default")
+        out.append(dict(kernel=kernel, work=work, rows=n_rows, batch=batch, tenants=tenants,
+                        default=name(default_params), default_us=totals["default"], best=best,
+                        best_us=totals[best], speedup=totals["default"] / totals[best], per_shape_best=per_shape,
+                        wrong=sorted({r["config"] for r in mine if not r["ok"]})))
+    return out
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    lines = [f"# Decode kernel meta-parameters on {res['device']} (torch {res['torch']}, triton {res['triton']})", "",
+             f"`python bench/tune_decode.py` ({res['seconds']:.0f} s). Shapes {', '.join(res['shapes'])} (Llama-2-7B, "
+             "~1 bit/param Delta-CoMe tiers, 64 slots), fp16; each kernel alone, CUDA graph replay, L2 flushed; "
+             "times in us summed over the shapes (one layer's calls of that kernel). Row i on tenant i % tenants.",
+             "", "| kernel | batch | tenants | work | rows a tile | default | default us | fastest | fastest us | "
+             "default / fastest | fastest per shape |", "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---|"]
+    for s in res["summary"]:
+        per = "; ".join(f"{k}: {v}" for k, v in s["per_shape_best"].items())
+        lines.append(f"| {s['kernel']} | {s['batch']} | {s['tenants']} | {s['work']} | {s['rows']} | {s['default']} | "
+                     f"{s['default_us']:.1f} | {s['best']} | {s['best_us']:.1f} | {s['speedup']:.2f} | {per} |")
+    wrong = sorted({c for s in res["summary"] for c in s["wrong"]})
+    lines += ["", f"Candidates that failed to compile or whose output differed from the default's on some shape "
+              f"(never ranked): {', '.join(wrong) or 'none'}."]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_decode.py times kernels on a CUDA GPU; none is available here")
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = args.shapes.split(",")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    start = time.time()
+    rows = []
+    for shape in shapes:
+        w = make_weights(shape, SLOTS, g)
+        rows += [r for b, t in CASES for r in time_case(w, b, t, g)]
+        del w
+        torch.cuda.empty_cache()
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               shapes=shapes, rows=rows, summary=summarize(rows, shapes), seconds=time.time() - start)
+    (args.out / "decode_tuning.json").write_text(json.dumps(res, indent=1))
+    write_markdown(res, args.out / "decode_tuning.md")
+    print(f"done in {res['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
