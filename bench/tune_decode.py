@@ -54,10 +54,10 @@ def time_case(w: Weights, batch: int, tenants: int, g: torch.Generator) -> list[
     meta = SlotMetadata.build(torch.arange(batch, device="cuda", dtype=torch.int32) % tenants, SLOTS)
     z = shrink_triton(x, meta, plan, G)
 
-    def expanded() -> torch.Tensor:  # the delta expand adds, in fp32
-        out = y.clone()
+    def expanded() -> torch.Tensor:  # the delta alone, rounded once to fp16 (y is added into while timing)
+        out = torch.zeros_like(y)
         expand_triton(out, z, meta, plan, G)
-        return out.float() - y.float()
+        return out.float()
 
     runs = {"shrink": lambda: shrink_triton(x, meta, plan, G), "expand": lambda: expand_triton(y, z, meta, plan, G)}
     outputs = {"shrink": runs["shrink"], "expand": expanded}
@@ -76,7 +76,8 @@ def time_case(w: Weights, batch: int, tenants: int, g: torch.Generator) -> list[
             row = dict(base, config=name(params), params=params, us=float("inf"), ok=False)
             try:
                 with forced_decode_config(kernel, **params):
-                    row["ok"] = rel_err(outputs[kernel](), want) < 1e-4  # atomics in another order: rounding only
+                    # Atomics add in another order: fp32 rounding in z, at most an fp16 ulp here and there in y.
+                    row["ok"] = rel_err(outputs[kernel](), want) < (1e-4 if kernel == "shrink" else 2e-3)
                     row["us"] = ms(runs[kernel], True) * 1e3
             except (CompilationError, OutOfResources) as e:  # reported, never ranked
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
