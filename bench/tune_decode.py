@@ -82,7 +82,7 @@ def time_case(w: Weights, batch: int, tenants: int, g: torch.Generator) -> list[
             except (CompilationError, OutOfResources) as e:  # reported, never ranked
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             mine.append(row)
-        best = min((r for r in mine[1:] if r["ok"]), key=lambda r: r["us"])
+        best = min((r for r in mine[1:] if r["ok"]), key=lambda r: r["us"], default=dict(us=float("nan"), config="none"))
         print(f"{w.name:8s} B={batch:3d} T={tenants:2d} {kernel:6s} w={work:2d} rows={rows}: default "
               f"{default['us']:7.1f} us, best {best['us']:7.1f} ({best['config']})", flush=True)
         rows_out += mine
