@@ -35,7 +35,8 @@ from random_models import G
 # (batch, tenants): one-row tiles at every work bucket, then two- and four-row tiles.
 CASES = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (64, 64), (16, 8), (64, 32), (16, 4), (64, 16))
 CANDIDATES = {
-    "shrink": [dict(SPLIT_K=s, BLOCK_R=r, num_warps=w) for s in (2, 4, 8, 16, 32) for r, w in ((128, 4), (64, 2))],
+    "shrink": [dict(SPLIT_K=s, BLOCK_R=r, num_warps=w) for s in (2, 4, 8, 16, 32, 64)
+               for r, w in ((128, 4), (64, 2), (32, 1))],
     "expand": [dict(SPLIT_R=s, BLOCK_N=n, num_warps=w) for s in (8, 16, 32, 64, 128, 256)
                for n, w in ((4096, 4), (2048, 2))],
 }

@@ -386,7 +386,7 @@ def _default_decode_config(kernel: str, work: int, group_size: int | None, rows:
             {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
     split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
     if kernel == "shrink":
-        return {"BLOCK_R": 128, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": split, "num_warps": 4}
+        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": 2 * split, "num_warps": 2}
     if kernel == "expand":  # each program walks all of its ranks over 4096 columns; the split divides the ranks
         return {"BLOCK_N": 4096, "SPLIT_R": 4 * split, "BLOCK_WORDS": expand_block_words(rows), "num_warps": 4,
                 "maxnreg": EXPAND_DECODE_REGISTERS[rows]}
