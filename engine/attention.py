@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltaserve.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
 from deltaserve.kernels.tables import upload_lists
@@ -151,6 +152,25 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: At
     values = v_cache.index_select(0, flat).view(n, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
     queries = q.view(n, max_q, *q.shape[1:]) if g.in_order else q.index_select(0, g.q_index.view(-1)).view(
         n, max_q, *q.shape[1:])
-    res = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=g.mask, scale=scale,
-                                         enable_gqa=q.shape[1] != k_cache.shape[1])
+    res = masked_sdpa(queries.transpose(1, 2), keys, values, g.mask, scale)
     return res.transpose(1, 2).reshape(n * max_q, -1)
+
+
+# cuDNN's SDPA, torch's first pick on the H100, builds an execution plan for every new shape inside the call: a
+# prefill batch of a new (sequences, tokens, context) shape took 37 ms at the median and up to 1.2 s there, against
+# 0.35 ms for the memory-efficient kernel, which builds nothing (bench/results/sdpa_first_use.md). Serving meets
+# new shapes all the time, and such a stall holds every running sequence, so cuDNN is never picked.
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def masked_sdpa(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """SDPA of queries [N, H, q, D] over keys/values [N, KVH, ctx, D] under a boolean mask [N, 1, q, ctx]."""
+    group = queries.shape[1] // keys.shape[1]
+    if group > 1 and queries.is_cuda:
+        # The memory-efficient kernel takes no grouped heads, and math would hold [N, H, q, ctx] scores: repeat
+        # the key/value heads ([N, H, ctx, D], the size of the gathered keys times the group) instead.
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                              enable_gqa=queries.shape[1] != keys.shape[1])

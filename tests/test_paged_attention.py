@@ -171,3 +171,26 @@ def test_cuda_graph_replay_with_new_contexts(dtype: torch.dtype, gen) -> None:
         out.fill_(float("nan"))
         graph.replay()
         _check(out, paged_decode_attention_reference(*args), seed)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+def test_masked_sdpa_matches_fp32_math(device: str, heads: int, kv_heads: int, gen) -> None:
+    """The prefill attention (no cuDNN, grouped key/value heads repeated on CUDA) equals fp32 math attention, for
+    sequences of unequal contexts under a causal mask."""
+    from deltaserve.engine.attention import masked_sdpa
+    g, seed = gen
+    n, max_q, max_ctx = 3, 5, 11
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    q = torch.randn(n, heads, max_q, D, generator=g).to(device, dtype)
+    k = torch.randn(n, kv_heads, max_ctx, D, generator=g).to(device, dtype)
+    v = torch.randn(n, kv_heads, max_ctx, D, generator=g).to(device, dtype)
+    ctx = torch.tensor([11, 7, 5], device=device)  # every query sees at least key 0
+    pos = (ctx - max_q)[:, None] + torch.arange(max_q, device=device)[None, :]
+    mask = (torch.arange(max_ctx, device=device)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+    got = masked_sdpa(q, k, v, mask, D ** -0.5).float()
+    group = heads // kv_heads
+    scores = (q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)) * D ** -0.5
+    want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.float().repeat_interleave(group, 1)
+    assert (got - want).abs().max().item() < TOL[dtype], f"seed {seed}"
