@@ -205,9 +205,10 @@ def main() -> None:
         "policies": [], "steps": [], "fixed": []}
     arrivals = workload(args)
     graphs = engine.runner.graphs
-    # A first replay, not among the policies, takes the costs of first use: in stop 19's run, made before it,
-    # 10 of the first policy's steps with a prefill, over the whole replay, took 0.6-1.6 s with no capture, the
-    # same steps at most 0.2 s in the later policies' replays, which charged that policy with them.
+    # A first replay, not among the policies, takes the costs of first use (first captures, first GEMM shapes), which
+    # would otherwise be charged to the first policy. In stop 19's run, made before it, 10 of the first policy's
+    # prefill steps took 0.6-1.6 s with no capture: cuDNN's attention building a plan per new shape, since left out
+    # (engine/attention.masked_sdpa; after that fix the first replay's slowest step took 0.26 s).
     graphs.exact_after = policies[0]
     res["warmup"] = summary(policies[0], replay(engine, arrivals[:args.warmup_steps], args.prompt_len,
                                                 seed=len(policies)))
