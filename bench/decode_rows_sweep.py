@@ -10,7 +10,6 @@ Usage: python bench/decode_rows_sweep.py [--out DIR] [--shapes qkv,...]
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
 from deltaserve.kernels.tuning import KERNELS, forced_decode_rows
-from kernel_bench import SHAPES, copy_bandwidth, make_weights, ms
+from kernel_bench import copy_bandwidth, make_weights, ms, shape_bench_args
 from random_models import G
 
 ROWS_PER_TENANT = (2, 4)
@@ -86,9 +85,7 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap = shape_bench_args()
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -300,11 +300,17 @@ def plot(res: dict, path: Path) -> bool:
     return True
 
 
-def main() -> None:
+def shape_bench_args() -> argparse.ArgumentParser:
+    """The options every kernel benchmark at SHAPES takes: --out DIR (default bench/results) and --shapes."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--quick", action="store_true", help="shorter timing loops")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    return ap
+
+
+def main() -> None:
+    ap = shape_bench_args()
+    ap.add_argument("--quick", action="store_true", help="shorter timing loops")
     ap.add_argument("--decode-only", action="store_true",
                     help="skip prefill and the whole-layer run (the same files, without those sections)")
     args = ap.parse_args()

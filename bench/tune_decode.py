@@ -14,7 +14,6 @@ default's time and the fastest candidate's, summed over the shapes, and each sha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.tuning import decode_config, forced_decode_config, work_bucket
-from kernel_bench import SHAPES, Weights, make_weights, ms, rel_err
+from kernel_bench import Weights, make_weights, ms, rel_err, shape_bench_args
 from random_models import G
 
 # (batch, tenants): one-row tiles at every work bucket, then two- and four-row tiles.
@@ -132,9 +131,7 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
+    ap = shape_bench_args()
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_decode.py times kernels on a CUDA GPU; none is available here")

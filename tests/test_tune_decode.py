@@ -1,0 +1,28 @@
+"""bench/tune_decode.py's ranking on CPU with made-up timings: a candidate counts only if it ran correctly on every
+shape, the fastest over the shapes' sum wins, and the report names the ones never ranked (timing needs a GPU)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import tune_decode as td  # noqa: E402
+
+
+def _row(shape: str, config: str, us: float, ok: bool = True) -> dict:
+    return dict(shape=shape, batch=64, tenants=32, kernel="shrink", work=32, rows=2, config=config,
+                params={"SPLIT_K": 4} if config == "default" else {"SPLIT_K": 8}, us=us, ok=ok)
+
+
+def test_fastest_correct_candidate_over_the_shapes_wins(tmp_path):
+    rows = [_row("qkv", "default", 10.0), _row("o", "default", 10.0),
+            _row("qkv", "a", 4.0), _row("o", "a", 9.0),        # 13 in all: the fastest correct one
+            _row("qkv", "b", 3.0), _row("o", "b", 3.0, False),  # fastest, but wrong on o: never ranked
+            _row("qkv", "c", 8.0), _row("o", "c", 4.0)]         # 12 in all, but o's own best only
+    (summary,) = td.summarize(rows, ["qkv", "o"])
+    assert summary["best"] == "c" and summary["best_us"] == 12.0 and summary["default_us"] == 20.0
+    assert summary["per_shape_best"] == {"qkv": "b", "o": "c"}  # each shape's own, b correct on qkv
+    assert summary["wrong"] == ["b"] and abs(summary["speedup"] - 20 / 12) < 1e-9
+    res = dict(device="cpu", torch="-", triton="-", seconds=0.0, shapes=["qkv", "o"], summary=[summary])
+    td.write_markdown(res, tmp_path / "decode_tuning.md")
+    text = (tmp_path / "decode_tuning.md").read_text()
+    assert "| shrink | 64 | 32 | 32 | 2 | SPLIT_K=4 | 20.0 | c | 12.0 | 1.67 |" in text
+    assert "(never ranked): b." in text
