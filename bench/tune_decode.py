@@ -1,5 +1,6 @@
-"""Time the decode (bit-serial) kernels' meta-parameters on the GPU: splits and program sizes of the shrink and
-expand decode kernels, per row-tile count and rows a tile, summed over a Llama-2-7B layer's four shapes.
+"""Time the decode (bit-serial) kernels' meta-parameters on the GPU: splits and program sizes of the shrink, expand
+and sign (BitDelta) decode kernels, per row-tile count and rows a tile, summed over a Llama-2-7B layer's four
+shapes.
 
 tuning.decode_config picks these from the work bucket (row tiles of a launch) and the rows a tile; its splits
 came from the tl.dot kernels' autotuning, before the decode kernels existed. Here each candidate runs through
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from deltaserve.kernels import SlotMetadata
 from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
+from deltaserve.kernels.sign_delta import add_sign_delta_triton
 from deltaserve.kernels.tuning import decode_config, forced_decode_config, work_bucket
 from kernel_bench import Weights, make_weights, ms, rel_err, shape_bench_args
 from random_models import G
@@ -38,6 +41,7 @@ CANDIDATES = {
                for r, w in ((128, 4), (64, 2), (32, 1))],
     "expand": [dict(SPLIT_R=s, BLOCK_N=n, num_warps=w) for s in (8, 16, 32, 64, 128, 256)
                for n, w in ((4096, 4), (2048, 2))],
+    "sign": [dict(SPLIT_K=s, BLOCK_N=n, num_warps=w) for s in (2, 4, 8, 16, 32, 64) for n, w in ((64, 4), (32, 2))],
 }
 SLOTS = 64
 
@@ -54,13 +58,15 @@ def time_case(w: Weights, batch: int, tenants: int, g: torch.Generator) -> list[
     meta = SlotMetadata.build(torch.arange(batch, device="cuda", dtype=torch.int32) % tenants, SLOTS)
     z = shrink_triton(x, meta, plan, G)
 
-    def expanded() -> torch.Tensor:  # the delta alone, rounded once to fp16 (y is added into while timing)
+    def delta_alone(add) -> torch.Tensor:  # what add(out) adds, rounded once to fp16 (y is added into while timing)
         out = torch.zeros_like(y)
-        expand_triton(out, z, meta, plan, G)
+        add(out)
         return out.float()
 
-    runs = {"shrink": lambda: shrink_triton(x, meta, plan, G), "expand": lambda: expand_triton(y, z, meta, plan, G)}
-    outputs = {"shrink": runs["shrink"], "expand": expanded}
+    adds = {"expand": lambda out: expand_triton(out, z, meta, plan, G),
+            "sign": lambda out: add_sign_delta_triton(out, x, meta, w.signs)}
+    runs = {"shrink": lambda: shrink_triton(x, meta, plan, G), **{k: partial(f, y) for k, f in adds.items()}}
+    outputs = {"shrink": runs["shrink"], **{k: partial(delta_alone, f) for k, f in adds.items()}}
     rows_out = []
     for kernel, cands in CANDIDATES.items():
         decode, dot, rows = meta.tile_kinds(kernel)
