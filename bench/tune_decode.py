@@ -2,20 +2,24 @@
 and sign (BitDelta) decode kernels, per row-tile count and rows a tile, summed over a Llama-2-7B layer's four
 shapes.
 
-tuning.decode_config picks these from the work bucket (row tiles of a launch) and the rows a tile; its splits
-came from the tl.dot kernels' autotuning, before the decode kernels existed. Here each candidate runs through
+tuning.decode_config picks these from the work bucket (row tiles of a launch) and the rows a tile: built-in
+defaults from this script's H100 runs, or this GPU's table entry (the "default" below). Each candidate runs through
 tuning.forced_decode_config, the kernel alone (kernel_bench.ms: CUDA graph replay, L2 flushed), on batches whose
 row i belongs to tenant i % tenants, so a case's tiles all have batch / tenants rows. A candidate whose output
 differs from the default config's is reported and never ranked.
 
-Usage (GPU, ~4 min on an H100):
-    python bench/tune_decode.py [--shapes qkv,o] [--out DIR]
+Usage (GPU, ~2 min on an H100):
+    python bench/tune_decode.py [--shapes qkv,o] [--out DIR] [--table PATH | --no-table]
 writes DIR/decode_tuning.json and .md (default bench/results): per (kernel, work bucket, rows a tile) the
-default's time and the fastest candidate's, summed over the shapes, and each shape's own best.
+time of the config in use and the fastest candidate's, summed over the shapes, and each shape's own best; and the
+fastest per key into the GPU's config table (kernels/configs/<GPU name>.json, its "decode_configs"; the launch
+configs bench/tune_kernels.py wrote stay), which tuning.decode_config then reads. Keys the cases do not reach
+keep the built-in defaults (tuning._default_decode_config, measured on the H100).
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -30,7 +34,8 @@ from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
-from deltaserve.kernels.tuning import decode_config, forced_decode_config, work_bucket
+from deltaserve.kernels.tuning import (CONFIG_DIR, decode_config, decode_table_key, device_slug, forced_decode_config,
+                                       work_bucket, write_decode_table)
 from kernel_bench import Weights, make_weights, ms, rel_err, shape_bench_args
 from random_models import G
 
@@ -114,9 +119,15 @@ def summarize(rows: list[dict], shapes: list[str]) -> list[dict]:
         default_params = next(r["params"] for r in mine if r["config"] == "default")
         out.append(dict(kernel=kernel, work=work, rows=n_rows, batch=batch, tenants=tenants,
                         default=name(default_params), default_us=totals["default"], best=best,
-                        best_us=totals[best], speedup=totals["default"] / totals[best], per_shape_best=per_shape,
+                        best_params=next(r["params"] for r in mine if r["config"] == best), best_us=totals[best], speedup=totals["default"] / totals[best], per_shape_best=per_shape,
                         wrong=sorted({r["config"] for r in mine if not r["ok"]})))
     return out
+
+
+def table_entries(summary: list[dict]) -> dict[str, dict[str, int]]:
+    """The decode table this run writes: per (kernel, work bucket, rows a tile) the fastest candidate over the
+    shapes (each CASES entry reaches its own key)."""
+    return {decode_table_key(s["kernel"], G, s["work"], s["rows"]): s["best_params"] for s in summary}
 
 
 def write_markdown(res: dict, path: Path) -> None:
@@ -138,6 +149,9 @@ def write_markdown(res: dict, path: Path) -> None:
 
 def main() -> None:
     ap = shape_bench_args()
+    ap.add_argument("--table", type=Path, default=None,
+                    help=f"config table whose decode_configs this run writes (default {CONFIG_DIR}/<GPU name>.json)")
+    ap.add_argument("--no-table", action="store_true", help="report only, write no table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_decode.py times kernels on a CUDA GPU; none is available here")
@@ -155,6 +169,11 @@ def main() -> None:
                shapes=shapes, rows=rows, summary=summarize(rows, shapes), seconds=time.time() - start)
     (args.out / "decode_tuning.json").write_text(json.dumps(res, indent=1))
     write_markdown(res, args.out / "decode_tuning.md")
+    if not args.no_table:
+        table = args.table or CONFIG_DIR / f"{device_slug()}.json"
+        about = {k: res[k] for k in ("device", "torch", "triton")} | {"command": " ".join(sys.argv)}
+        write_decode_table(table, table_entries(res["summary"]), about)
+        print(f"wrote {table}'s decode_configs ({len(res['summary'])} keys)")
     print(f"done in {res['seconds']:.0f} s")
 
 

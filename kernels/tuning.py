@@ -227,8 +227,21 @@ def config_table() -> dict[str, LaunchConfig]:
 
 
 def write_config_table(path: Path, configs: dict[str, LaunchConfig], about: dict) -> None:
-    """Write a table read back by config_table (atomically: a server starting meanwhile reads the old or the new)."""
-    body = {**about, "configs": {k: c.to_json(k.split(" ")[0]) for k, c in sorted(configs.items())}}
+    """Write the launch configs read back by config_table, keeping the file's decode_configs."""
+    _update_table_file(path, {**about, "configs": {k: c.to_json(k.split(" ")[0]) for k, c in sorted(configs.items())}})
+
+
+def write_decode_table(path: Path, entries: dict[str, dict[str, int]], about: dict) -> None:
+    """Write the decode kernels' meta-parameters read back by decode_config (bench/tune_decode.py's, by
+    decode_table_key) as the table's decode_configs, keeping its launch configs."""
+    _update_table_file(path, {"decode_about": about, "decode_configs": dict(sorted(entries.items()))})
+
+
+def _update_table_file(path: Path, sections: dict) -> None:
+    """The table file with these top-level entries replaced, written atomically (a server starting meanwhile
+    reads the old or the new file): each tuning script owns its sections."""
+    body = json.loads(path.read_text()) if path.exists() else {}
+    body.update(sections)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(body, indent=1) + "\n")
@@ -370,8 +383,43 @@ def forced_decode_config(kernel: str, **params: int) -> Iterator[None]:
 
 
 def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:
-    """_default_decode_config's meta-parameters, with any that forced_decode_config holds for `kernel` instead."""
-    return {**_default_decode_config(kernel, work, group_size, rows), **_forced_decode.get(kernel, {})}
+    """The meta-parameters of `kernel`'s decode variant: _default_decode_config's, over them this GPU's table entry
+    (bench/tune_decode.py), over both any that forced_decode_config holds."""
+    table = _decode_table_entry(kernel, group_size, work, rows)
+    return {**_default_decode_config(kernel, work, group_size, rows), **table, **_forced_decode.get(kernel, {})}
+
+
+def decode_table_key(kernel: str, group_size: int | None, work: int, rows: int) -> str:
+    """Key of a decode kernel's entry in the table's decode_configs, e.g. "shrink g=128 w=16 r=1"."""
+    return f"{kernel} g={group_size or 0} w={work} r={rows}"
+
+
+# The meta-parameters a decode table entry may set, by kernel (the decode kernels' constexprs and launch options).
+DECODE_PARAMS = {"shrink": ("BLOCK_R", "BLOCK_K", "SPLIT_K", "num_warps"),
+                 "expand": ("BLOCK_N", "SPLIT_R", "BLOCK_WORDS", "num_warps", "maxnreg"),
+                 "sign": ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps")}
+
+
+@lru_cache(maxsize=1024)
+def _decode_table_entry(kernel: str, group_size: int | None, work: int, rows: int) -> dict[str, int]:
+    """This GPU's table entry for the key, or none. Cached: decode_config is asked at every delta call, and finding
+    the table takes a device query."""
+    return _read_decode_table(config_table_path()).get(decode_table_key(kernel, group_size, work, rows), {})
+
+
+@lru_cache(maxsize=None)
+def _read_decode_table(path: Path | None) -> dict[str, dict[str, int]]:
+    if path is None:
+        return {}
+    try:
+        entries = json.loads(path.read_text()).get("decode_configs", {})
+        for key, params in entries.items():
+            allowed = DECODE_PARAMS.get(key.split(" ")[0], ())
+            if not params.keys() <= set(allowed) or not all(type(v) is int and v > 0 for v in params.values()):
+                raise ValueError(f"decode entry {key!r} = {params}: expected positive ints of {allowed}")
+        return entries
+    except (OSError, AttributeError, ValueError) as e:
+        raise ValueError(f"kernel config table {path}: {e} (bench/tune_decode.py writes its decode_configs)") from e
 
 
 def _default_decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1) -> dict[str, int]:

@@ -637,6 +637,48 @@ def test_launch_config_reads_the_tuned_table(monkeypatch, tmp_path):
     tuning._launch_config.cache_clear()
 
 
+def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
+    """A GPU table's decode_configs (bench/tune_decode.py) set the decode kernels' meta-parameters for their keys,
+    over the built-in defaults and under forced_decode_config; the launch configs' section and the decode section
+    are written by different scripts and each keeps the other's; a kernel run on an entry matches the reference; a
+    malformed entry is refused by name."""
+    from deltaserve.kernels import tuning
+    from deltaserve.kernels.tuning import (LaunchConfig, decode_config, decode_table_key, forced_decode_config,
+                                           launch_config, table_key, write_config_table, write_decode_table)
+    g, seed = gen
+    rows = [0, 1, -1, 3, 2]  # four one-row tiles: work bucket 4
+    x, y0, meta = _batch(rows, torch.float16, g)
+    lowrank = _projections(g)
+    path = tmp_path / "gpu.json"
+    entry = {"SPLIT_K": 4, "BLOCK_R": 32}
+    write_decode_table(path, {decode_table_key("shrink", G, 4, 1): entry}, {"device": "test"})
+    tuned = LaunchConfig((16, 32, 2), num_stages=1)
+    write_config_table(path, {table_key("shrink", (D_IN, 20), G, 4, 16): tuned}, {"device": "test"})
+    monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(path))
+    tuning._decode_table_entry.cache_clear()
+    tuning._launch_config.cache_clear()
+    try:
+        built_in = tuning._default_decode_config("shrink", 4, G)
+        assert decode_config("shrink", 4, G) == {**built_in, **entry}
+        assert decode_config("shrink", 8, G) == tuning._default_decode_config("shrink", 8, G)  # no entry
+        assert launch_config("shrink", (D_IN, 20), G, 4, 16) == tuned  # the other script's section kept
+        with forced_decode_config("shrink", SPLIT_K=2):
+            assert decode_config("shrink", 4, G)["SPLIT_K"] == 2
+        want, got = y0.clone(), y0.clone()
+        add_lowrank_delta_reference(want, x, meta, lowrank, G)
+        add_lowrank_delta_triton(got, x, meta, lowrank, G)
+        _assert_close(got, want, y0, rows, seed)
+        path.write_text('{"decode_configs": {"expand g=128 w=1 r=1": {"BLOCK_R": 32}}}')
+        monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(tmp_path / "bad.json"))
+        (tmp_path / "bad.json").write_text(path.read_text())
+        tuning._decode_table_entry.cache_clear()
+        with pytest.raises(ValueError, match="bad.json.*expand g=128 w=1 r=1"):
+            decode_config("expand", 1, 128)
+    finally:
+        tuning._decode_table_entry.cache_clear()
+        tuning._launch_config.cache_clear()
+
+
 def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
     """What the engine compiles at start-up (engine/kernel_warmup.py) covers each compile launch_config can ask
     for, at any shape and work bucket, from a table with several configs at one tile height or from the defaults;

@@ -26,3 +26,19 @@ def test_fastest_correct_candidate_over_the_shapes_wins(tmp_path):
     text = (tmp_path / "decode_tuning.md").read_text()
     assert "| shrink | 64 | 32 | 32 | 2 | SPLIT_K=4 | 20.0 | c | 12.0 | 1.67 |" in text
     assert "(never ranked): b." in text
+
+
+def test_table_holds_each_keys_fastest_and_keeps_the_launch_configs(tmp_path):
+    """The decode table written from a run: one entry per (kernel, work, rows a tile), the fastest candidate's
+    meta-parameters, in the GPU's table next to bench/tune_kernels.py's launch configs."""
+    import json
+    from deltaserve.kernels.tuning import LaunchConfig, table_key, write_config_table, write_decode_table
+    rows = [_row("qkv", "default", 10.0), _row("qkv", "a", 4.0)]
+    rows[1]["params"] = {"SPLIT_K": 16, "BLOCK_R": 64, "num_warps": 2}
+    entries = td.table_entries(td.summarize(rows, ["qkv"]))
+    assert entries == {"shrink g=128 w=32 r=2": {"SPLIT_K": 16, "BLOCK_R": 64, "num_warps": 2}}
+    path = tmp_path / "gpu.json"
+    write_config_table(path, {table_key("expand", (4096,), 128, 1, 16): LaunchConfig((32, 128, 4))}, {"device": "x"})
+    write_decode_table(path, entries, {"device": "x"})
+    body = json.loads(path.read_text())
+    assert body["decode_configs"] == entries and list(body["configs"]) == ["expand d=4096 g=128 w=1 m=16"]
