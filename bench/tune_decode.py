@@ -43,7 +43,9 @@ from random_models import G
 CASES = ((1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32), (64, 64), (16, 8), (64, 32), (16, 4), (64, 16))
 CANDIDATES = {
     "shrink": [dict(SPLIT_K=s, BLOCK_R=r, num_warps=w) for s in (2, 4, 8, 16, 32, 64)
-               for r, w in ((128, 4), (64, 2), (32, 1))],
+               for r, w in ((128, 4), (64, 2), (32, 1))]
+    + [dict(SPLIT_K=s, BLOCK_R=64, num_warps=2, SHARE_ROWS=1, **cap) for s in (4, 8, 16, 32)
+       for cap in ({}, {"maxnreg": 128})],  # a tile's rows in one pass (kernels/lowrank_shrink.py)
     "expand": [dict(SPLIT_R=s, BLOCK_N=n, num_warps=w) for s in (8, 16, 32, 64, 128, 256)
                for n, w in ((4096, 4), (2048, 2))],
     "sign": [dict(SPLIT_K=s, BLOCK_N=n, num_warps=w) for s in (2, 4, 8, 16, 32, 64) for n, w in ((64, 4), (32, 2))],

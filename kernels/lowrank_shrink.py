@@ -20,7 +20,7 @@ from .bitplanes import tile_offsets, unpack_centred
 from .bitserial import centred_range_dots, padded_to_words
 from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
                            z_columns)
-from .segment_tiles import segment_tile_rows, split_k_range, tile_row_count
+from .segment_tiles import decode_tile_rows, segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
 from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
@@ -82,13 +82,15 @@ def _shrink_decode_kernel(
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
     d_in, group_size, stride_xm, stride_zm,
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, SHARE_ROWS: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py), one
-    pass over the slot's words per row (the later rows read them from L1/L2). Unlike the expand and sign decode
-    kernels, the rows do not share one pass: a thread here holds 32 x values a row, and two rows' worth took
-    148 registers instead of 80, which halved the programs an SM holds and made the shrink ~18% slower than two
-    passes (bench/results/decode_rows_sweep_shared_shrink.md)."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). By
+    default one pass over the slot's words per row (the later rows read them from L1/L2): a thread holds 32 x
+    values a row, and two rows' worth in one pass took 148 registers instead of 80, which halved the programs an SM
+    holds and made the shrink ~18% slower than two passes (bench/results/decode_rows_sweep_shared_shrink.md, at
+    128 ranks a program on 4 warps). SHARE_ROWS makes the tile's rows share each pass and bit test, as the expand
+    and sign decode kernels do: a candidate of bench/tune_decode.py at today's smaller programs, with and without
+    a register cap (maxnreg)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:
@@ -108,14 +110,28 @@ def _shrink_decode_kernel(
     r_mask = offs_r < rank
     s = _tier_slot_s(desc, slot, offs_r, r_mask)
     z_col = tl.load(desc + T_Z_COL).to(tl.int32)
-    first = tl.load(blk_start_ptr + pid_m)
-    for i in range(0, n_rows):  # one row at a time: see the docstring
-        row = tl.load(sorted_rows_ptr + first + i + tl.zeros((1,), dtype=tl.int32)).to(tl.int64)  # [1]
-        acc = centred_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
-                                 x_ptr + row * stride_xm, row >= 0, k_begin, k_end, scales + offs_r * n_groups,
-                                 group_size, BLOCK_K)  # [1, R] 2 * (code - centre) . x * scale
-        tl.atomic_add(z_ptr + row[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * (0.5 * s)[None, :],
-                      mask=r_mask[None, :], sem="relaxed")
+    if SHARE_ROWS:
+        rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
+        _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plane_stride, nbits, n_words,
+                        x_ptr, stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K)
+    else:
+        first = tl.load(blk_start_ptr + pid_m)
+        for i in range(0, n_rows):  # one row at a time: see the docstring
+            row = tl.load(sorted_rows_ptr + first + i + tl.zeros((1,), dtype=tl.int32)).to(tl.int64)  # [1]
+            _add_range_dots(z_ptr, stride_zm, row, row >= 0, planes, offs_r, r_mask, plane_stride, nbits, n_words,
+                            x_ptr, stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K)
+
+
+@triton.jit
+def _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plane_stride, nbits, n_words, x_ptr,
+                    stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K: tl.constexpr):
+    """z[rows, z_col + offs_r] += (V x_row)[offs_r] * s over this program's k range, for rows [X] sharing each bit
+    test (kernels/bitserial.centred_range_dots)."""
+    acc = centred_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
+                             x_ptr + rows * stride_xm, row_ok, k_begin, k_end, scales + offs_r * n_groups,
+                             group_size, BLOCK_K)  # [X, R] 2 * (code - centre) . x * scale
+    tl.atomic_add(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * (0.5 * s)[None, :],
+                  mask=row_ok[:, None] & r_mask[None, :], sem="relaxed")
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,

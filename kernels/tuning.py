@@ -395,7 +395,7 @@ def decode_table_key(kernel: str, group_size: int | None, work: int, rows: int) 
 
 
 # The meta-parameters a decode table entry may set, by kernel (the decode kernels' constexprs and launch options).
-DECODE_PARAMS = {"shrink": ("BLOCK_R", "BLOCK_K", "SPLIT_K", "num_warps"),
+DECODE_PARAMS = {"shrink": ("BLOCK_R", "BLOCK_K", "SPLIT_K", "SHARE_ROWS", "num_warps", "maxnreg"),
                  "expand": ("BLOCK_N", "SPLIT_R", "BLOCK_WORDS", "num_warps", "maxnreg"),
                  "sign": ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps")}
 
@@ -415,8 +415,8 @@ def _read_decode_table(path: Path | None) -> dict[str, dict[str, int]]:
         entries = json.loads(path.read_text()).get("decode_configs", {})
         for key, params in entries.items():
             allowed = DECODE_PARAMS.get(key.split(" ")[0], ())
-            if not params.keys() <= set(allowed) or not all(type(v) is int and v > 0 for v in params.values()):
-                raise ValueError(f"decode entry {key!r} = {params}: expected positive ints of {allowed}")
+            if not params.keys() <= set(allowed) or not all(type(v) is int and v >= 0 for v in params.values()):
+                raise ValueError(f"decode entry {key!r} = {params}: expected non-negative ints of {allowed}")
         return entries
     except (OSError, AttributeError, ValueError) as e:
         raise ValueError(f"kernel config table {path}: {e} (bench/tune_decode.py writes its decode_configs)") from e
@@ -431,12 +431,13 @@ def _default_decode_config(kernel: str, work: int, group_size: int | None, rows:
     every candidate timed); a sign thread keeps 2 (128 rows was slower than 64). Fewer row tiles split the reduction
     more ways to fill the GPU."""
     if _interpreting():
-        return {"BLOCK_R": 16, "BLOCK_K": 32, "SPLIT_K": 2} if kernel == "shrink" else \
+        return {"BLOCK_R": 16, "BLOCK_K": 32, "SPLIT_K": 2, "SHARE_ROWS": 0} if kernel == "shrink" else \
             {"BLOCK_N": 64, "SPLIT_R": 2, "BLOCK_WORDS": expand_block_words(rows)} if kernel == "expand" else \
             {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
     split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
     if kernel == "shrink":
-        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": 2 * split, "num_warps": 2}
+        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": 2 * split, "SHARE_ROWS": 0,
+                "num_warps": 2}
     if kernel == "expand":
         # Each program walks all of its ranks over a word per thread (4096 columns on 4 warps); the split divides the
         # ranks. Four-row tiles (128 fp32 sums a thread) ran 1.056x faster on half the columns and warps, in both

@@ -204,18 +204,19 @@ def test_sign_kernel_matches_reference(case: str, strategy: str, dtype: torch.dt
     _assert_close(got, want, y0, rows, seed)
 
 
-@pytest.mark.parametrize("decode_rows", [2, 4])
-def test_decode_kernels_on_forced_tile_heights(decode_rows: int, gen) -> None:
+@pytest.mark.parametrize("decode_rows, share_rows", [(2, 0), (2, 1), (4, 1)])
+def test_decode_kernels_on_forced_tile_heights(decode_rows: int, share_rows: int, gen) -> None:
     """With DECODE_ROWS forced (bench/decode_rows_sweep.py times it so), the decode kernels take tiles of up to
-    that many rows, their rows sharing each bit test in the expand and sign kernels: both match the references.
-    Segments of 1 to decode_rows rows, so a tile may be partly masked."""
-    from deltaserve.kernels.tuning import forced_decode_rows
+    that many rows, their rows sharing each bit test in the expand and sign kernels, and in the shrink with
+    SHARE_ROWS (else one pass a row): all match the references. Segments of 1 to decode_rows rows, so a tile may
+    be partly masked."""
+    from deltaserve.kernels.tuning import forced_decode_config, forced_decode_rows
     g, seed = gen
     rows = [0, 1, 1, 2, -1, 2, 2, 3, 3, 3, 3] if decode_rows == 4 else [0, 1, 1, -1, 3, 3]
     x, y0, _ = _batch(rows, torch.float16, g)
     lowrank = _projections(g)
     signs = [random_signs(S, D_IN, D_OUTS[0], 0, g), random_signs(S, D_IN, D_OUTS[1], D_OUTS[0], g)]
-    with forced_decode_rows(decode_rows):
+    with forced_decode_rows(decode_rows), forced_decode_config("shrink", SHARE_ROWS=share_rows):
         meta = SlotMetadata.build(torch.tensor(rows, dtype=torch.int32), S)
         assert {tuple(meta.tile_kinds(k)) for k in KERNELS} == {(True, False, decode_rows)}
         for add, ref, args in ((add_lowrank_delta_triton, add_lowrank_delta_reference, (lowrank, G)),
