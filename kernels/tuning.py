@@ -427,7 +427,7 @@ def _default_decode_config(kernel: str, work: int, group_size: int | None, rows:
     their SASS (kernels/bitserial.py), A/B runs (bench/results/kernel_ab_decode_tiles.md) and bench/tune_decode.py
     (bench/results/decode_tuning.md): a shrink thread keeps 4 words of one 32-element column of a k tile, so the 32
     x values it loads serve all four; its programs take 64 ranks on 2 warps, split twice the base split ways (the
-    kernel waits on memory latency: 1.2-1.36x faster than 128 ranks on 4 warps at the old split, and within 5% of
+    kernel waits on memory latency: 1.15-1.36x faster than 128 ranks on 4 warps at the old split, and within 5% of
     every candidate timed); a sign thread keeps 2 (128 rows was slower than 64). Fewer row tiles split the reduction
     more ways to fill the GPU."""
     if _interpreting():
