@@ -214,10 +214,9 @@ def _read_table(path: Path | None) -> dict[str, LaunchConfig]:
     if path is None:
         return {}
     try:
-        data = json.loads(path.read_text())
-        entries = data["configs"]
+        entries = json.loads(path.read_text()).get("configs", {})  # none where only tune_decode.py has run
         return {key: LaunchConfig.from_json(key.split(" ")[0], entry) for key, entry in entries.items()}
-    except (OSError, KeyError, TypeError, ValueError) as e:
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"kernel config table {path}: {e} (bench/tune_kernels.py writes these files)") from e
 
 

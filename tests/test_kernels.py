@@ -653,9 +653,14 @@ def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
     path = tmp_path / "gpu.json"
     entry = {"SPLIT_K": 4, "BLOCK_R": 32}
     write_decode_table(path, {decode_table_key("shrink", G, 4, 1): entry}, {"device": "test"})
-    tuned = LaunchConfig((16, 32, 2), num_stages=1)
-    write_config_table(path, {table_key("shrink", (D_IN, 20), G, 4, 16): tuned}, {"device": "test"})
+    tuning._launch_config.cache_clear()
+    untuned = launch_config("shrink", (D_IN, 20), G, 4, 16)  # no table
     monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(path))
+    tuning._launch_config.cache_clear()
+    assert launch_config("shrink", (D_IN, 20), G, 4, 16) == untuned  # a table of decode entries only
+    tuned = LaunchConfig((16, 32, 1), num_stages=1)
+    write_config_table(path, {table_key("shrink", (D_IN, 20), G, 4, 16): tuned}, {"device": "test"})
+    tuning._read_table.cache_clear()  # read once per path: a server reads the table at its start
     tuning._decode_table_entry.cache_clear()
     tuning._launch_config.cache_clear()
     try:
@@ -676,8 +681,9 @@ def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
         with pytest.raises(ValueError, match="bad.json.*expand g=128 w=1 r=1"):
             decode_config("expand", 1, 128)
     finally:
-        tuning._decode_table_entry.cache_clear()
-        tuning._launch_config.cache_clear()
+        for cached in (tuning._read_table, tuning._read_decode_table, tuning._decode_table_entry,
+                       tuning._launch_config):
+            cached.cache_clear()
 
 
 def test_warmup_configs_cover_every_launch_config(monkeypatch, tmp_path):
