@@ -115,13 +115,18 @@ def summarize(rows: list[dict], shapes: list[str]) -> list[dict]:
             got = [r for r in mine if r["config"] == config]
             if len(got) == len(shapes) and all(r["ok"] for r in got):
                 totals[config] = sum(r["us"] for r in got)
-        best = min((c for c in totals if c != "default"), key=totals.get)
+        ranked = [c for c in totals if c != "default"]
+        if not ranked:  # no candidate correct on every shape: reported, nothing for the table
+            print(f"{kernel} w={work} rows={n_rows}: no candidate ran correctly on every shape", flush=True)
+            continue
+        best = min(ranked, key=totals.get)
         per_shape = {s: min((r for r in mine if r["shape"] == s and r["ok"] and r["config"] != "default"),
-                            key=lambda r: r["us"])["config"] for s in shapes}
+                            key=lambda r: r["us"], default={"config": "none"})["config"] for s in shapes}
         default_params = next(r["params"] for r in mine if r["config"] == "default")
         out.append(dict(kernel=kernel, work=work, rows=n_rows, batch=batch, tenants=tenants,
                         default=name(default_params), default_us=totals["default"], best=best,
-                        best_params=next(r["params"] for r in mine if r["config"] == best), best_us=totals[best], speedup=totals["default"] / totals[best], per_shape_best=per_shape,
+                        best_params=next(r["params"] for r in mine if r["config"] == best), best_us=totals[best],
+                        speedup=totals["default"] / totals[best], per_shape_best=per_shape,
                         wrong=sorted({r["config"] for r in mine if not r["ok"]})))
     return out
 

@@ -42,3 +42,9 @@ def test_table_holds_each_keys_fastest_and_keeps_the_launch_configs(tmp_path):
     write_decode_table(path, entries, {"device": "x"})
     body = json.loads(path.read_text())
     assert body["decode_configs"] == entries and list(body["configs"]) == ["expand d=4096 g=128 w=1 m=16"]
+
+
+def test_a_key_with_no_correct_candidate_is_left_out():
+    """Every candidate wrong on some shape: the key gets no summary row and no table entry (the run goes on)."""
+    rows = [_row("qkv", "default", 10.0), _row("o", "default", 10.0), _row("qkv", "a", 4.0, False), _row("o", "a", 4.0)]
+    assert td.summarize(rows, ["qkv", "o"]) == [] and td.table_entries([]) == {}
