@@ -79,7 +79,7 @@ def run_backend(model: tuple, backend: str, shape_list: list, g: torch.Generator
             with sdpa_kernel(BACKENDS[backend]) if BACKENDS[backend] else contextlib.nullcontext():
                 firsts.append(timed(call))
                 agains.append(timed(call))
-            if backend == "engine":  # against the math backend, in fp32
+            if backend == "engine":  # against fp32 attention (whichever backend torch picks for fp32)
                 want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
                                                       scale=dim ** -0.5, enable_gqa=heads != kv_heads)
                 worst = max(worst, (call().float() - want).abs().max().item())
@@ -123,7 +123,7 @@ def main() -> None:
                      f"{', '.join(r['default_picks']) or '-'} | {r['first_ms_p50']} | {r['first_ms_max']} | "
                      f"{r['again_ms_p50']} | {r['again_ms_max']} | {r['first_minus_again_s']} |")
     lines += ["", "engine: engine/attention.masked_sdpa (no cuDNN; grouped key/value heads repeated on CUDA). Its "
-              "largest absolute difference from fp32 math attention: " + ", ".join(engine) + "."]
+              "largest absolute difference from fp32 attention: " + ", ".join(engine) + "."]
     (args.out / "sdpa_first_use.md").write_text("\n".join(lines) + "\n")
 
 

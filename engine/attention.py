@@ -157,8 +157,8 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: At
 
 
 # cuDNN's SDPA, torch's first pick on the H100, builds an execution plan for every new shape inside the call: a
-# prefill batch of a new (sequences, tokens, context) shape took 37 ms at the median and up to 1.2 s there, against
-# 0.35 ms for the memory-efficient kernel, which builds nothing (bench/results/sdpa_first_use.md). Serving meets
+# prefill batch of a new (sequences, tokens, context) shape took 40 ms at the median and up to 0.94 s there, against
+# 0.29 ms for the memory-efficient kernel, which builds nothing (bench/results/sdpa_first_use.md). Serving meets
 # new shapes all the time, and such a stall holds every running sequence, so cuDNN is never picked.
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
