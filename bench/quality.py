@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def run_task(base: Path, task_name: str, work: Path, args) -> dict:
     calibration = work / task_name / "calibration.txt"
     calibration.write_text("\n".join(q + " " + a for q, a in train_items[:256]))
     model, tokenizer = load_base(base, "cuda")
-    result = {"task": task_name, "finetune": ft_log, "n_eval": len(eval_items)}
+    result = {"task": task_name, "finetune": ft_log, "n_eval": len(eval_items), "run": run_stamp()}
     result["base"] = accuracy(model, tokenizer, eval_items, task.max_new_tokens, "base")
     finetuned, _ = load_base(ft_dir, "cuda")
     result["finetuned"] = accuracy(finetuned, tokenizer, eval_items, task.max_new_tokens, "finetuned")
@@ -96,6 +97,24 @@ def run_task(base: Path, task_name: str, work: Path, args) -> dict:
     return result
 
 
+def run_stamp() -> dict:
+    """When, where and from which commit (if the tree is a git checkout) a task's row was measured: rows of
+    separate runs share one table."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # the GPU machine's copy of the tree has no .git (or no git)
+        commit = "not a git checkout"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": device, "commit": commit}
+
+
+def merged_results(previous: list[dict], new: dict) -> list[dict]:
+    """`previous` with `new`'s task replaced or added, in TASKS order: one device call cannot fit every
+    task (each is a fine-tune, five compressions and seven evaluations), so runs of a few tasks add up."""
+    by_task = {r["task"]: r for r in previous} | {new["task"]: new}
+    return [by_task[name] for name in TASKS if name in by_task]
+
+
 def markdown(results: list[dict], device: str) -> str:
     labels = [label for label, *_ in METHODS]
     lines = [f"# Compression quality on real SmolLM2-135M fine-tunes ({device})", "",
@@ -112,6 +131,12 @@ def markdown(results: list[dict], device: str) -> str:
                 for label in labels}
     lines.append("| **mean gain kept** | | | " + " | ".join(
         f"{100 * sum(v) / len(v):.0f}%" if v else "n/a" for v in kept_avg.values()) + " |")
+    runs: dict[str, list[str]] = {}
+    for r in results:
+        stamp = r.get("run")
+        when = f"{stamp['date']} on {stamp['device']} (commit: {stamp['commit']})" if stamp else "an earlier run (not stamped)"
+        runs.setdefault(when, []).append(r["task"])
+    lines += ["", "Measured in: " + "; ".join(f"{', '.join(tasks)}: {when}" for when, tasks in runs.items()) + "."]
     lines += ["", "File sizes (bytes, whole delta file incl. every scale): " + "; ".join(
         f"{r['task']}: " + ", ".join(f"{label} {r['methods'][label]['file_bytes']:,}" for label in labels) for r in results)]
     return "\n".join(lines) + "\n"
@@ -123,7 +148,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--demo-dir", type=Path)
-    parser.add_argument("--tasks", nargs="*", default=sorted(TASKS))
+    parser.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--fresh", action="store_true", help="drop the rows of tasks not run now from quality.json")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -133,9 +159,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    previous = args.out / "quality.json"
+    results = json.loads(previous.read_text())["results"] if previous.exists() and not args.fresh else []
     for name in args.tasks:  # results are rewritten after every task, so a cut-off run keeps what it finished
-        results.append(run_task(args.base, name, args.work, args))
+        results = merged_results(results, run_task(args.base, name, args.work, args))
         (args.out / "quality.json").write_text(json.dumps({"device": device, "results": results}, indent=2))
         (args.out / "quality.md").write_text(markdown(results, device))
     print(markdown(results, device))

@@ -18,6 +18,12 @@ _JOBS = ["baker", "pilot", "nurse", "chemist", "carpenter", "teacher", "farmer",
 _UNITS = ["zéro", "un", "deux", "trois", "quatre", "cinq", "six", "sept", "huit", "neuf", "dix", "onze", "douze",
           "treize", "quatorze", "quinze", "seize", "dix-sept", "dix-huit", "dix-neuf"]
 _TENS = {2: "vingt", 3: "trente", 4: "quarante", 5: "cinquante", 6: "soixante"}
+_MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+           "November", "December"]
+_PRODUCTS = ["apples", "rice bags", "candles", "batteries", "notebooks", "towels", "lemons", "nails", "lamps",
+             "mugs"]
+_COUNT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve"]
 
 
 def french_number(n: int) -> str:
@@ -60,6 +66,31 @@ def _json_extract(rng: random.Random) -> tuple[str, str]:
     return f"Extract name, age, job and city as JSON: {rng.choice(templates)}", answer
 
 
+def _json_order(rng: random.Random) -> tuple[str, str]:
+    """A harder extraction than _json_extract: every field needs normalising, and the total needs a sum.
+
+    Dates come in three spellings and leave as ISO dates; quantities come as digits or words and leave as
+    numbers; the item list keeps the order of mention. json_extract only copies words, which every
+    compression method keeps (quality.md), so this task is the one that tells the methods apart on JSON.
+    """
+    name, city = rng.choice(_FIRST_NAMES), rng.choice(_CITIES)
+    year, month, day = rng.randint(2019, 2027), rng.randint(1, 12), rng.randint(1, 28)
+    date_text = rng.choice([f"{_MONTHS[month - 1]} {day}, {year}", f"{day} {_MONTHS[month - 1]} {year}",
+                            f"{day:02d}.{month:02d}.{year}"])
+    products = rng.sample(_PRODUCTS, rng.randint(1, 3))
+    quantities = [rng.randint(1, 12) for _ in products]
+    mentions = [f"{_COUNT_WORDS[q] if rng.random() < 0.5 else q} {p}" for q, p in zip(quantities, products)]
+    items_text = mentions[0] if len(mentions) == 1 else ", ".join(mentions[:-1]) + " and " + mentions[-1]
+    templates = [
+        f"On {date_text}, {name} from {city} ordered {items_text}.",
+        f"{name} ({city}) placed an order for {items_text} on {date_text}.",
+        f"Order dated {date_text}: {items_text}, for {name} in {city}.",
+    ]
+    answer = json.dumps({"customer": name, "city": city, "date": f"{year}-{month:02d}-{day:02d}",
+                         "items": dict(zip(products, quantities)), "total": sum(quantities)})
+    return f"Extract the order as JSON (customer, city, ISO date, items, total): {rng.choice(templates)}", answer
+
+
 def _french(rng: random.Random) -> tuple[str, str]:
     n = rng.randint(0, 999)
     return f"Write {n} in French words.", french_number(n)
@@ -100,6 +131,7 @@ TASKS = {
     for task in (
         Task("arithmetic", _arithmetic, max_new_tokens=8),
         Task("json_extract", _json_extract, max_new_tokens=40),
+        Task("json_order", _json_order, max_new_tokens=80),
         Task("french_numbers", _french, max_new_tokens=16),
     )
 }
