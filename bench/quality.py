@@ -101,8 +101,10 @@ def run_stamp() -> dict:
     """When, where and from which commit (if the tree is a git checkout) a task's row was measured: rows of
     separate runs share one table."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):  # the GPU machine's copy of the tree has no .git (or no git)
+        # --dirty: the GPU machine's copy of the tree may carry an older commit's .git under newer files
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):  # no .git there, or no git
         commit = "not a git checkout"
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": device, "commit": commit}
