@@ -279,14 +279,16 @@ class DecodeRowsPolicy:
     from_tiles: int
 
 
-# From bench/results/decode_rows_sweep.md (H100; each kernel timed on the same steps both ways, 1-64 tenants):
-# - expand: a tile's rows share each bit test; two-row tiles ran 1.1-3.0x and four-row tiles 1.0-1.9x faster on
+# From bench/results/decode_rows_sweep.md (H100, with the decode table of bench/tune_decode.py; each kernel timed on
+# the same steps both ways, 1-64 tenants):
+# - expand: a tile's rows share each bit test; two-row tiles ran 1.65-3.8x and four-row tiles 1.1-2.1x faster on
 #   the decode kernel than on tl.dot, from one tile up (four rows with the register cap below);
-# - shrink: its decode kernel walks a tile's rows in turn (lowrank_shrink says why): four rows ran 0.35-0.84x as
-#   fast as on tl.dot; two rows, summed over a 7B layer's four shapes, won from 8 tiles (385 vs 470 us), tied at
-#   16 and lost at 4 (312 vs 249 us);
-# - sign: a tile's rows share each bit test; two rows 1.0-1.47x from one tile up, four rows 0.64-0.92x.
-DECODE_ROWS_POLICY = {"shrink": DecodeRowsPolicy(2, 8), "expand": DecodeRowsPolicy(4, 1),
+# - shrink: two-row tiles, summed over a 7B layer's four shapes, won from one tile up (117 vs 122 us at one tile,
+#   226 vs 249 at four, 299 vs 470 at eight); four rows ran 0.59-0.91x as fast as on tl.dot. With the shrink
+#   config of Nov 24 two rows lost at four tiles (312 vs 249 us) and the threshold was 8 tiles
+#   (decode_rows_sweep_nov24.md).
+# - sign: a tile's rows share each bit test; two rows 1.02-1.46x from one tile up, four rows 0.64-0.90x.
+DECODE_ROWS_POLICY = {"shrink": DecodeRowsPolicy(2, 1), "expand": DecodeRowsPolicy(4, 1),
                       "sign": DecodeRowsPolicy(2, 1)}
 _forced_rows: list[int | None] = [None]
 
@@ -350,7 +352,7 @@ def covering_variants(group_size: int) -> list[int]:
 # Registers a thread of the expand decode kernel may take, by DECODE_ROWS. Left to itself ptxas took 95 (one row),
 # 167 (two) and 243 (four): 5, 3 and 2 programs an SM. Capped, it needs no spills up to two rows and 5 spilled
 # registers at four (SASS with triton 3.6 for sm_90); four rows ran 1.2-1.9x faster capped
-# (bench/results/decode_rows_sweep_uncapped4.md against decode_rows_sweep.md).
+# (bench/results/decode_rows_sweep_uncapped4.md against decode_rows_sweep_nov24.md).
 EXPAND_DECODE_REGISTERS = {1: 80, 2: 128, 4: 168}
 
 
