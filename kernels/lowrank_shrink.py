@@ -57,6 +57,8 @@ def _shrink_kernel(
     if r0 >= rank:  # the grid covers the largest tier; smaller tiers and ranks exit here
         return
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
+    if k_begin >= k_end:
+        return  # more splits than d_in has k tiles: no atomic adds of zeros
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -106,6 +108,8 @@ def _shrink_decode_kernel(
     if r0 >= rank:
         return
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
+    if k_begin >= k_end:
+        return  # more splits than d_in has k tiles: no atomic adds of zeros
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     s = _tier_slot_s(desc, slot, offs_r, r_mask)

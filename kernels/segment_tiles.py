@@ -17,7 +17,8 @@ def segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_p
 
 @triton.jit
 def split_k_range(d_in, split, BLOCK_K: tl.constexpr, SPLIT_K):
-    """[k_begin, k_end) of piece `split` of SPLIT_K equal pieces of d_in, each a whole number of BLOCK_K tiles."""
+    """[k_begin, k_end) of piece `split` of SPLIT_K equal pieces of d_in, each a whole number of BLOCK_K tiles; empty
+    (k_begin >= k_end) for the last pieces when SPLIT_K exceeds the k tiles (a tuned split may: 64 over 32 tiles)."""
     k_chunk = tl.cdiv(tl.cdiv(d_in, BLOCK_K), SPLIT_K) * BLOCK_K
     k_begin = split * k_chunk
     return k_begin, tl.minimum(k_begin + k_chunk, d_in)

@@ -63,6 +63,8 @@ def _sign_kernel(
     if tile_row_count(seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg, BLOCK_M) <= DECODE_ROWS:
         return  # the decode kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)  # this program's d_in
+    if k_begin >= k_end:
+        return  # more splits than d_in has k tiles: no atomic adds of zeros
     rows, m_mask = segment_tile_rows(sorted_rows_ptr, seg_starts_ptr, seg_lens_ptr, blk_start_ptr, pid_m, seg,
                                      BLOCK_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -96,6 +98,8 @@ def _sign_decode_kernel(
     if n_rows > DECODE_ROWS:
         return  # the tl.dot kernel's tile
     k_begin, k_end = split_k_range(d_in, tl.program_id(0) % SPLIT_K, BLOCK_K, SPLIT_K)
+    if k_begin >= k_end:
+        return  # more splits than d_in has k tiles: no atomic adds of zeros
     rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
     acc = centred_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, x_ptr + rows * stride_xm, row_ok,
                              k_begin, k_end, None, 0, BLOCK_K)  # [ROWS, N] (2 bit - 1) . x
