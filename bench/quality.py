@@ -5,7 +5,9 @@ Usage: python bench/quality.py --base SmolLM2.gguf --work /tmp/quality --out ben
 For every task of bench/tasks.py: fine-tune SmolLM2 (bench/finetune.py), compress the fine-tune with each
 method through deltaserve's own compressor, merge base + reconstructed delta and score exact-match accuracy
 on held-out items with greedy decoding. Writes quality.json and quality.md; with --demo-dir, also copies the
-demo tenants' deltas (deltacome at 0.5 bit/param, small enough to commit) there.
+demo tenants' deltas (deltacome at 0.5 bit/param, small enough to commit) there. A task takes ~4.5 min of an H100,
+so `--tasks NAME ...` runs some and merges their rows into the quality.json already in --out (each row stamped
+with date, GPU and commit; --fresh starts over).
 """
 from __future__ import annotations
 
