@@ -91,8 +91,9 @@ def _shrink_decode_kernel(
     values a row, and two rows' worth in one pass took 148 registers instead of 80, which halved the programs an SM
     holds and made the shrink ~18% slower than two passes (bench/results/decode_rows_sweep_shared_shrink.md, at
     128 ranks a program on 4 warps). SHARE_ROWS makes the tile's rows share each pass and bit test, as the expand
-    and sign decode kernels do: a candidate of bench/tune_decode.py at today's smaller programs, with and without
-    a register cap (maxnreg)."""
+    and sign decode kernels do. Off in the built-in defaults; at today's smaller programs bench/tune_decode.py's
+    H100 table takes it at 2-32 row tiles (128 registers at two-row tiles), 1.04-1.15x over a layer's four shapes
+    (bench/results/decode_tuning.md)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:
