@@ -26,11 +26,15 @@ def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows
     The X activation rows share each bit test: one LOP3 sets the predicate, then X predicated adds (a thread
     holds all X sums of its words), so a tile of X rows costs 1 + X instructions a bit, not 2 X."""
     acc = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0]), dtype=tl.float32)
+    lanes = tl.arange(0, BLOCK_K // 32)
+    # Each plane's words are loaded one (tile, plane) step ahead, while the step before adds its bits: a
+    # loop-carried load stays in flight across the bit loop (ptxas sinks a load of the same iteration below
+    # earlier adds), so a thread waits on memory latency once per program rather than once per plane, as the
+    # expand decode kernel does.
+    w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k_begin, k_end, 0, lanes)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+        words = k0 // 32 + lanes
         x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
-        w_ptrs = rows_ptrs[:, None] + words[None, :]
-        w_mask = row_mask[:, None] & (words < n_words)[None, :]
         x_ptrs = x_rows[:, None] + words[None, :] * 32
         scale = tl.full(rows_ptrs.shape, 1.0, tl.float32)
         if scale_ptrs is not None:  # loaded first, to be in flight during the bit loop
@@ -42,17 +46,32 @@ def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows
         codes_x = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)  # per word
         weight = 1.0  # 2^p
         for p in range(0, nbits):
-            w = tl.load(w_ptrs + p * plane_stride, mask=w_mask, other=0)
+            w = w_next
+            last = p + 1 >= nbits  # then the next words are plane 0 of the next tile
+            w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, tl.where(last, k0 + BLOCK_K, k0),
+                                  k_end, tl.where(last, 0, p + 1), lanes)
             plane_x = tl.zeros(codes_x.shape, dtype=tl.float32)
             for j in tl.static_range(32):
                 xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
                 bit = ((w >> j) & 1) != 0
-                plane_x = tl.where(bit[None, :, :], plane_x + xj[:, None, :], plane_x)  # predicated adds
+                plane_x = tl.where(bit, plane_x + xj[:, None, :], plane_x)  # predicated adds
             codes_x += plane_x * weight
             weight *= 2.0
         # weight - 1 = 2^nbits - 1
         acc += tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[:, None, :], axis=2) * scale[None, :]
     return acc
+
+
+@triton.jit
+def _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k0, k_end, p, lanes):
+    """Words [1, R, NW] of plane p in the tile at element k0 (zeros from k_end on: the load after the last tile).
+    Shaped like the bit loop's [X, R, NW] sums, so the loop-carried words keep the layout of their bit tests: as
+    [R, NW] every bit test went through a layout conversion, doubling the loop's instructions (SASS)."""
+    words = k0 // 32 + lanes
+    # k_end is a multiple of 32 or d_in itself, so this is the whole tile's test k0 < k_end, made per word (the
+    # interpreter cannot mask with a scalar)
+    mask = row_mask[None, :, None] & ((words < n_words) & (words * 32 < k_end))[None, None, :]
+    return tl.load(rows_ptrs[None, :, None] + words[None, None, :] + p * plane_stride, mask=mask, other=0)
 
 
 def padded_to_words(x: torch.Tensor) -> torch.Tensor:
