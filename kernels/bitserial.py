@@ -25,7 +25,8 @@ def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows
     group_size when scaled. nbits >= 1; masked rows give 0.
     The X activation rows share each bit test: one LOP3 sets the predicate, then X predicated adds (a thread
     holds all X sums of its words), so a tile of X rows costs 1 + X instructions a bit, not 2 X."""
-    acc = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0]), dtype=tl.float32)
+    # Per word until the end: summing over a tile's words crosses lanes (shuffles) at every tile.
+    acc = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)
     lanes = tl.arange(0, BLOCK_K // 32)
     # Each plane's words are loaded one (tile, plane) step ahead, while the step before adds its bits: a
     # loop-carried load stays in flight across the bit loop (ptxas sinks a load of the same iteration below
@@ -58,8 +59,8 @@ def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows
             codes_x += plane_x * weight
             weight *= 2.0
         # weight - 1 = 2^nbits - 1
-        acc += tl.sum(2.0 * codes_x - (weight - 1.0) * xsum[:, None, :], axis=2) * scale[None, :]
-    return acc
+        acc += (2.0 * codes_x - (weight - 1.0) * xsum[:, None, :]) * scale[None, :, None]
+    return tl.sum(acc, axis=2)
 
 
 @triton.jit
