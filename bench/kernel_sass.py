@@ -7,7 +7,7 @@ built-in defaults), this reports the registers, every loop (a backward branch) w
 instructions that matter to the bit-serial loops: loads (LDG), shuffles (SHFL), barriers (BAR), predicate tests
 and predicated adds (LOP3, FADD), and predicate spills (P2R, R2P).
 
-Usage (CPU or GPU; about a minute):
+Usage (CPU or GPU; ~15 s):
     python bench/kernel_sass.py [--table kernels/configs/NVIDIA_H100_80GB_HBM3.json] [--arch 90] [--label NAME]
         [--out DIR]
 writes DIR/kernel_sass[_LABEL].{json,md} (default bench/results). To compare with an older checkout, run the
