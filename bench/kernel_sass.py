@@ -91,7 +91,7 @@ def loops(code: list[tuple[int, str]]) -> list[Loop]:
     """Every loop, as the span from a backward branch's target to the branch, innermost first."""
     found = []
     for addr, text in code:
-        m = re.match(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        m = re.match(r"BRA\s+0x([0-9a-f]+)", text)
         if m and int(m.group(1), 16) < addr:
             start = int(m.group(1), 16)
             body = [t for a, t in code if start <= a <= addr]

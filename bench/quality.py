@@ -108,8 +108,11 @@ def run_stamp() -> dict:
                                 check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):  # no .git there, or no git
         commit = "not a git checkout"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": device, "commit": commit}
+    return {"date": time.strftime("%Y-%m-%d", time.gmtime()), "device": device_name(), "commit": commit}
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def merged_results(previous: list[dict], new: dict) -> list[dict]:
@@ -161,7 +164,7 @@ def main() -> None:
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    device = device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     previous = args.out / "quality.json"
     results = json.loads(previous.read_text())["results"] if previous.exists() and not args.fresh else []
