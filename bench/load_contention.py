@@ -4,11 +4,12 @@ In the server the HTTP event loop, the step thread and the disk-read threads sha
 of torch calls, each releasing the GIL, and a thread that gave it up waits up to the holder's switch interval to
 get it back. The spinning thread stands in for those busy neighbours. Two ways to load, both timed on the side
 that runs them:
-- full: stage on the device, then SlotBank.load on the step thread (serve_load run C);
-- planned: stage and plan_load on the loading thread, then apply_plan on the step thread (one batched copy).
+- full: SlotBank.load on the step thread, from the host tier's copy (what a load that must grow a buffer does);
+- planned: plan_load and write_planned (one batched copy from the host into the slot) on the loading thread,
+  then only the commit of the slot's host state on the step thread.
 
 Usage (the embedded SmolLM2, random ~1 bit/param Delta-CoMe-tiered delta):
-    python bench/load_contention.py [--device cpu|cuda] [--repeats 3] [--out DIR]
+    python bench/load_contention.py [--device cpu|cuda] [--model PATH] [--repeats 3] [--out DIR]
 writes DIR/load_contention.json and .md (default bench/results).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +28,8 @@ from pathlib import Path
 import torch
 
 from deltaserve.delta_store.checkpoint import default_model_path
+from deltaserve.delta_store.format import write_delta
+from deltaserve.delta_store.host_tier import read_pinned_delta
 from deltaserve.engine import EngineConfig, LLMEngine
 from serve_load import device_name
 from random_models import random_delta
@@ -63,28 +67,34 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 def one_load(engine: LLMEngine, delta, planned: bool) -> tuple[float, float]:
     """(seconds on the loading thread, seconds on the step thread) of one load into slot 1."""
-    loader_s, staged = timed(lambda: engine.stage_delta(1, delta))
     if not planned:
-        step_s, _ = timed(lambda: engine.load_delta(1, staged))
-        return loader_s, step_s
-    plan_s, plan = timed(lambda: engine.plan_load(1, staged))
-    step_s, applied = timed(lambda: engine.runner.bank.apply_plan(plan))
-    if not applied:
+        step_s, _ = timed(lambda: engine.load_delta(1, delta))
+        return 0.0, step_s
+    plan_s, plan = timed(lambda: engine.plan_load(1, delta))
+    write_s, _ = timed(lambda: engine.write_planned(plan))
+    step_s, committed = timed(lambda: engine.runner.bank.commit_plan(plan))
+    if not committed:
         raise RuntimeError("the plan went stale with nothing else loading")
-    return loader_s + plan_s, step_s
+    return plan_s + write_s, step_s
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model", type=Path, default=None, help="the backbone (default: the embedded SmolLM2)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
     torch.set_num_threads(1)    # the neighbour and torch's own threads must not hide contention on a small CPU
-    engine = LLMEngine(EngineConfig(str(default_model_path()), device=args.device, max_slots=2, num_kv_blocks=64))
-    delta = random_delta(engine.base_shapes, engine.base_fingerprint, seed=1)
+    engine = LLMEngine(EngineConfig(str(args.model or default_model_path()), device=args.device, max_slots=2,
+                                    num_kv_blocks=64))
+    # As the host tier holds it: read from its file into one page-locked buffer (asynchronous copies on CUDA).
+    fresh = random_delta(engine.base_shapes, engine.base_fingerprint, seed=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_delta(Path(tmp) / "delta.safetensors", fresh.weights, fresh.metadata)
+        delta = read_pinned_delta(path, expected_fingerprint=engine.base_fingerprint)
     engine.load_delta(0, delta)             # makes every buffer, so the planned loads never need to grow one
-    pairs = len(engine.plan_load(1, engine.stage_delta(1, delta)).pairs)
+    pairs = len(engine.plan_load(1, delta).pairs)
     rows = []
     for interval in SWITCH_INTERVALS:
         sys.setswitchinterval(interval)
@@ -107,7 +117,7 @@ def main() -> None:
     lines = [f"# Delta load time beside a busy thread: {result['device']}", "",
              f"`{result['command']}`; torch {result['torch']}; {result['model']}, one random delta of "
              f"{result['delta_bytes'] / 1e6:.1f} MB over {result['weights']} weight matrices ({pairs} copies). "
-             f"Median of {args.repeats} loads. Loader = the thread that stages (and plans) the load; step thread = "
+             f"Median of {args.repeats} loads. Loader = the thread that plans and writes the load; step thread = "
              "the part that runs between two decode steps, which every running request waits for.", "",
              "| switch interval | neighbour | load | loader s | step thread s |", "|---:|---|---|---:|---:|"]
     lines += [f"| {r['switch_interval_ms']:g} ms | {r['neighbour']} | {r['load']} | {r['loader_s']:.3f} | "

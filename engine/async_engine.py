@@ -97,15 +97,14 @@ class AsyncEngine:
         A load is thousands of small torch calls, each releasing the GIL, and a thread that must win the GIL
         back from a busy one waits up to a switch interval per call: run by the loader beside a busy step
         thread, loads took ~18 s instead of ~0.3 s (H100, SmolLM2, 1000 tenants), and run on the step thread
-        they paused decoding for seconds. So this thread (the caller's) stages the delta on the device and
-        plans its copy into the slot's views; the step thread then does the copy between two steps as one
-        batched call (or the whole load, when a buffer must grow first)."""
-        staged = self._engine.stage_delta(slot, delta)
-        plan = self._engine.plan_load(slot, staged)
-        self._on_step_thread(lambda: self._engine.load_planned(slot, staged, plan))
-        # The slot copies read `staged` on the compute stream, and its memory returns to the copy stream's pool
-        # when this returns: wait for them, or the next staging could overwrite it mid-copy.
-        self._engine.synchronize()
+        they paused decoding for seconds. So this thread (the caller's) plans the copies into the slot's views
+        and does them as one torch call, from the host tier's page-locked buffer on a side stream, while steps
+        go on: no step reads the slot until it is committed. The step thread then only commits the slot's host
+        state between two steps (or does the whole load, when a buffer must grow first)."""
+        plan = self._engine.plan_load(slot, delta)
+        if plan is not None:
+            self._engine.write_planned(plan)
+        self._on_step_thread(lambda: self._engine.load_planned(slot, delta, plan))
 
     def check_delta(self, delta: DeltaFile) -> None:
         """Raise ValueError if `delta` could not go into a slot of this engine (base, shapes, capacity).

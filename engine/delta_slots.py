@@ -168,7 +168,7 @@ class WeightSlots:
     def copy_plan(self, slot: int, delta: WeightDelta | None, group_size: int
                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """(destination view, source) pairs that leave `slot` as clear(slot) then write(slot, delta) would (delta
-        None: clear only), in the buffers as they are now; sources must be on the device. None when that needs a
+        None: clear only), in the buffers as they are now; sources on the host or the device. None when that needs a
         buffer first (the first delta of a kind, a larger rank or bit-width, another group size) or is an svd
         delta: SlotBank.load does those. Nothing here changes until commit_plan.
 

@@ -152,29 +152,28 @@ class LLMEngine:
                              f"{self.base_fingerprint}")
         self.runner.bank.check(slot, delta)
 
-    def stage_delta(self, slot: int, delta: DeltaFile) -> DeltaFile:
-        """Checked copy of `delta` on the device, made on a side stream: safe while steps run."""
-        self.check_delta(slot, delta)
-        return self.runner.stage(delta)
-
     def load_delta(self, slot: int, delta: DeltaFile) -> None:
         self.check_delta(slot, delta)
         self.runner.bank.load(slot, delta)
 
-    def plan_load(self, slot: int, staged: DeltaFile) -> LoadPlan | None:
-        """stage_delta's result (checked there) as one batched copy into `slot` (SlotBank.plan_load); safe while
-        steps run."""
-        return self.runner.bank.plan_load(slot, staged)
+    def plan_load(self, slot: int, delta: DeltaFile) -> LoadPlan | None:
+        """Checked plan of `delta` (on the host or the device) as one batched copy into `slot` (SlotBank.plan_load);
+        safe while steps run."""
+        self.check_delta(slot, delta)
+        return self.runner.bank.plan_load(slot, delta)
 
-    def load_planned(self, slot: int, staged: DeltaFile, plan: LoadPlan | None) -> None:
-        """Load a staged delta by its plan if the plan still applies, else in full."""
-        if plan is None or not self.runner.bank.apply_plan(plan):
-            self.load_delta(slot, staged)
+    def write_planned(self, plan: LoadPlan) -> None:
+        """A plan's copies, done when this returns (ModelRunner.write_plan); safe while steps run, as long as no
+        scheduled sequence uses plan.slot."""
+        self.runner.write_plan(plan)
 
-    def synchronize(self) -> None:
-        """Wait for the work queued on this thread's current stream of the engine's device (no-op off CUDA)."""
-        if self.runner.device.type == "cuda":
-            torch.cuda.current_stream(self.runner.device).synchronize()
+    def load_planned(self, slot: int, delta: DeltaFile, plan: LoadPlan | None) -> None:
+        """Between steps: commit a planned load (writing its copies first if no thread did) if the plan still
+        applies, else load in full."""
+        if plan is not None and not plan.written:
+            self.write_planned(plan)
+        if plan is None or not self.runner.bank.commit_plan(plan):
+            self.load_delta(slot, delta)
 
     def clear_slot(self, slot: int) -> None:
         if not 0 <= slot < self.config.max_slots:

@@ -4,8 +4,6 @@ from __future__ import annotations
 import torch
 
 from deltaserve.delta_store.checkpoint import Checkpoint
-from deltaserve.delta_store.format import DeltaFile
-from deltaserve.delta_store.host_tier import map_tensors
 from deltaserve.engine.attention import AttentionMetadata
 from deltaserve.engine.config import EngineConfig
 from deltaserve.engine.decode_graphs import DecodeGraphs
@@ -13,7 +11,7 @@ from deltaserve.engine.kernel_warmup import warm_up_kernels
 from deltaserve.engine.model import LlamaModel, check_supported, head_dim_of
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.engine.sequence import Sequence
-from deltaserve.engine.slot_bank import SlotBank
+from deltaserve.engine.slot_bank import LoadPlan, SlotBank
 from deltaserve.kernels.tables import upload_lists
 
 _CPU_KV_BYTES = 1 << 30             # KV cache on CPU when num_kv_blocks is not given
@@ -57,15 +55,16 @@ class ModelRunner:
         if self.graphs is not None and self.device.type == "cuda":
             self.graphs.capture_base()   # after the kernel warm-up, so no capture waits on a compile
 
-    def stage(self, delta: DeltaFile) -> DeltaFile:
-        """`delta` with its tensors on the device. On CUDA the host-to-device copies run on their own stream,
-        so a tenant's load overlaps other tenants' decoding instead of queueing in front of it."""
+    def write_plan(self, plan: LoadPlan) -> None:
+        """A planned load's copies (SlotBank.write_plan) from the calling thread, done when this returns. On CUDA
+        they run on their own stream, straight from the host tier's page-locked buffer into the slot, so a
+        tenant's load overlaps other tenants' decoding instead of queueing in front of it."""
         if self._copy_stream is None:
-            return map_tensors(delta, lambda t: t.to(self.device))
+            self.bank.write_plan(plan)
+            return
         with torch.cuda.stream(self._copy_stream):
-            staged = map_tensors(delta, lambda t: t.to(self.device, non_blocking=True))
+            self.bank.write_plan(plan)
         self._copy_stream.synchronize()
-        return staged
 
     def _blocks_from_memory(self) -> int:
         """Blocks that fit after the backbone and every delta slot filled to capacity (reserved now)."""

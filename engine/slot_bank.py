@@ -56,8 +56,9 @@ class LoadPlan:
 
     slot: int
     delta: DeltaFile
-    pairs: list[tuple[torch.Tensor, torch.Tensor]]     # (destination view, source on the device)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]     # (destination view, source on the host or the device)
     buffers: list[tuple]                               # WeightSlots.buffers() of every weight when planned
+    written: bool = False                              # write_plan done: commit_plan may make it the slot's delta
 
 
 class SlotBank:
@@ -108,15 +109,16 @@ class SlotBank:
         self._note_kinds(slot, delta)
 
     def plan_load(self, slot: int, delta: DeltaFile) -> LoadPlan | None:
-        """A load of `delta` (its tensors on the device) into `slot` as one batched copy, or None when it needs
-        load() (a buffer must grow, or an svd delta). Planning takes torch calls (thousands the first time a slot
-        sees a tier shape, whose views are then cached), so a caller plans off the step thread and apply_plan
-        runs on it: one batched copy there. `delta` must have passed check(slot, delta) (LLMEngine.stage_delta
-        runs it); apply_plan checks again, as resident deltas may have changed since."""
+        """A load of `delta` (its tensors on the host, page-locked for asynchronous copies, or on the device) into
+        `slot` as one batched copy, or None when it needs load() (a buffer must grow, or an svd delta). Planning
+        takes torch calls (thousands the first time a slot sees a tier shape, whose views are then cached), so a
+        caller plans and writes off the step thread, and only commit_plan runs on it. `delta` must have passed
+        check(slot, delta) (LLMEngine.plan_load runs it); commit_plan checks again, as resident deltas may have
+        changed since."""
         pairs, buffers = [], []
         for name, w in self.weights.items():
             # Buffers noted before their views are taken: one grown meanwhile (by a load on the step thread)
-            # fails apply_plan's check instead of taking copies into a buffer no longer in use.
+            # fails commit_plan's check instead of the copies counting in a buffer no longer in use.
             buffers.append(w.buffers())
             weight_pairs = w.copy_plan(slot, delta.weights.get(name), delta.group_size)
             if weight_pairs is None:
@@ -124,12 +126,26 @@ class SlotBank:
             pairs += weight_pairs
         return LoadPlan(slot, delta, pairs, buffers)
 
-    def apply_plan(self, plan: LoadPlan) -> bool:
-        """Do a planned load; False, changing nothing, when a buffer was replaced since (load() then)."""
+    def write_plan(self, plan: LoadPlan) -> None:
+        """A plan's copies, as one torch call (the host-to-device ones asynchronous on the current stream). Safe
+        from any thread while steps run, as they touch only plan.slot's part of the buffers and no step reads a
+        slot that is being loaded (AsyncLLMEngine.load_delta's contract); the slot's host state, which says what
+        it holds, changes only in commit_plan."""
+        torch._foreach_copy_([dst for dst, _ in plan.pairs], [src for _, src in plan.pairs], non_blocking=True)
+        plan.written = True
+
+    def commit_plan(self, plan: LoadPlan) -> bool:
+        """Make a written plan the slot's delta (host state only; on the step thread, after the copies finished).
+        False, changing nothing, when a buffer was replaced since the plan was made: load() then."""
+        if not plan.written:
+            raise RuntimeError(f"commit of a load plan for slot {plan.slot} whose copies were never written")
         if not all(w.holds(planned) for w, planned in zip(self.weights.values(), plan.buffers)):
             return False
-        self.check(plan.slot, plan.delta)
-        torch._foreach_copy_([dst for dst, _ in plan.pairs], [src for _, src in plan.pairs])
+        try:
+            self.check(plan.slot, plan.delta)
+        except ValueError:
+            self.clear(plan.slot)   # the copies are in the slot's buffers: leave it empty, not half another's
+            raise
         self._forget(plan.slot)
         for name, w in self.weights.items():
             w.commit_plan(plan.slot, plan.delta.weights.get(name), plan.delta.group_size)

@@ -109,9 +109,10 @@ def test_cuda_graph_replay_matches_eager(tenants, exact_after):
     assert _generate(engine, slots[:3]) == _generate(make_engine(tenants, cuda_graphs=False, **kw), slots[:3])
     # Slot 0 swapped to the bitdelta tenant by a planned load, then back: the captured graphs follow.
     for delta in (tenants.deltas[1], tenants.deltas[0]):
-        staged = engine.stage_delta(0, delta)
-        plan = engine.plan_load(0, staged)
-        assert plan is not None and engine.runner.bank.apply_plan(plan)
+        plan = engine.plan_load(0, delta)
+        assert plan is not None
+        engine.write_planned(plan)      # host to device on the runner's copy stream
+        assert engine.runner.bank.commit_plan(plan)
         reference = make_engine(tenants, cuda_graphs=False, **kw)
         reference.load_delta(0, delta)
         assert _generate(engine, slots) == _generate(reference, slots)

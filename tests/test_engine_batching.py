@@ -185,14 +185,20 @@ def _assert_same_state(a: tuple, b: tuple) -> None:
 
 
 def test_planned_loads_equal_full_loads(tenants):
-    """A load planned as one batched copy leaves the slot bank exactly as load() does, whatever the slot held;
-    a plan that needs a new buffer is not made, and one whose buffers were replaced since is refused."""
+    """A load planned as one batched copy, written, then committed, leaves the slot bank exactly as load() does,
+    whatever the slot held; a plan that needs a new buffer is not made, one whose buffers were replaced since is
+    refused at commit, and one never written cannot be committed."""
     deltacome, bitdelta, svd = tenants.deltas
     planned, full = make_engine(tenants), make_engine(tenants)      # slots: deltacome, bitdelta, svd
+    bank = planned.runner.bank
     for slot in (2, 0, 1):
         for delta in (bitdelta, deltacome, bitdelta, deltacome):     # the second time from cached views
             plan = planned.plan_load(slot, delta)
-            assert plan is not None and planned.runner.bank.apply_plan(plan)
+            assert plan is not None
+            with pytest.raises(RuntimeError, match="never written"):
+                bank.commit_plan(plan)
+            bank.write_plan(plan)
+            assert bank.commit_plan(plan)
             full.load_delta(slot, delta)
             _assert_same_state(_bank_state(planned), _bank_state(full))
     assert planned.plan_load(0, svd) is None                        # svd takes the torch path: load() only
@@ -201,14 +207,35 @@ def test_planned_loads_equal_full_loads(tenants):
     assert fresh.plan_load(1, bitdelta) is None                     # no sign buffers yet
     plan = fresh.plan_load(1, deltacome)
     fresh.load_delta(2, bitdelta)                                   # makes the sign buffers: the plan is stale
+    fresh.write_planned(plan)                                       # written, into a slot nothing reads yet
     before = _bank_state(fresh)
-    assert not fresh.runner.bank.apply_plan(plan)
+    assert not fresh.runner.bank.commit_plan(plan)
     _assert_same_state(_bank_state(fresh), before)
     fresh.load_planned(1, deltacome, plan)                          # falls back to a full load
     reference = make_engine(dataclasses.replace(tenants, deltas=[deltacome]), max_slots=3)
     reference.load_delta(2, bitdelta)
     reference.load_delta(1, deltacome)
     _assert_same_state(_bank_state(fresh), _bank_state(reference))
+
+
+def test_a_plan_refused_at_commit_leaves_its_slot_empty(tenants):
+    """Written copies whose delta fails the check at commit do not stay half-counted: the slot is left cleared, as
+    after a load and a clear, and the error is raised. (A resident delta of another group size over the same
+    number of scale groups changes no buffer, only the bank's group size, which is set here directly.)"""
+    deltacome = tenants.deltas[0]
+    engine = make_engine(dataclasses.replace(tenants, deltas=[deltacome]), max_slots=3)
+    plan = engine.plan_load(1, deltacome)
+    engine.write_planned(plan)
+    generation = engine.runner.bank.generation[1]
+    engine.runner.bank.group_size = deltacome.group_size * 2
+    with pytest.raises(ValueError, match="group_size"):
+        engine.runner.bank.commit_plan(plan)
+    engine.runner.bank.group_size = deltacome.group_size
+    assert engine.runner.bank.generation[1] > generation        # K/V cached under the slot expired
+    reference = make_engine(dataclasses.replace(tenants, deltas=[deltacome]), max_slots=3)
+    reference.load_delta(1, deltacome)
+    reference.clear_slot(1)
+    _assert_same_state(_bank_state(engine)[:-1], _bank_state(reference)[:-1])    # all but the generations
 
 
 def test_async_engine_loads_deltas_between_steps(tenants, solo):
