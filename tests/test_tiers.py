@@ -419,7 +419,7 @@ def test_pinned_read_equals_load_delta_and_refuses_a_damaged_file(delta_files, t
 
 
 def test_map_tensors_rebuilds_every_weight_kind(delta_files):
-    """The walk that stages a delta on the engine's device (here with clone: CPU-only tests have one device)."""
+    """The walk that rebuilds a delta with every tensor mapped (bench/serve_bench_engine pins them; here clone)."""
     original = load_delta(delta_files[0])
     copied = map_tensors(original, lambda t: t.clone())
     assert copied.metadata == original.metadata and copied.weights.keys() == original.weights.keys()
