@@ -107,8 +107,9 @@ def main() -> None:
                              "loader_s": statistics.median(t[0] for t in times),
                              "step_thread_s": statistics.median(t[1] for t in times)})
                 print(rows[-1], flush=True)
+    model = str(args.model) if args.model else "SmolLM2-135M-Instruct (embedded)"
     result = {"command": "python bench/load_contention.py " + " ".join(sys.argv[1:]), "device": device_name(args.device),
-              "torch": torch.__version__, "model": "SmolLM2-135M-Instruct (embedded)", "weights": len(delta.weights),
+              "torch": torch.__version__, "model": model, "weights": len(delta.weights),
               "copy_pairs": pairs, "delta_bytes": sum(t.numel() * t.element_size() for w in delta.weights.values()
                                                       for t in w.tensors().values()),
               "repeats": args.repeats, "rows": rows}

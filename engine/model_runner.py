@@ -62,6 +62,10 @@ class ModelRunner:
         if self._copy_stream is None:
             self.bank.write_plan(plan)
             return
+        # Steps run on the default stream, and so does what the copies must follow: a step thread's load that
+        # grew a buffer copies the old one into the new there (the plan's views are of the new one), and the
+        # plan's constants (zeros, ranks) were filled there by this thread. Queued, not waited for on the host.
+        self._copy_stream.wait_stream(torch.cuda.default_stream(self.device))
         with torch.cuda.stream(self._copy_stream):
             self.bank.write_plan(plan)
         self._copy_stream.synchronize()

@@ -129,7 +129,7 @@ class SlotBank:
     def write_plan(self, plan: LoadPlan) -> None:
         """A plan's copies, as one torch call (the host-to-device ones asynchronous on the current stream). Safe
         from any thread while steps run, as they touch only plan.slot's part of the buffers and no step reads a
-        slot that is being loaded (AsyncLLMEngine.load_delta's contract); the slot's host state, which says what
+        slot that is being loaded (AsyncEngine.load_delta's contract); the slot's host state, which says what
         it holds, changes only in commit_plan."""
         torch._foreach_copy_([dst for dst, _ in plan.pairs], [src for _, src in plan.pairs], non_blocking=True)
         plan.written = True
