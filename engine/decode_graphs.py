@@ -157,7 +157,7 @@ class DecodeGraphs:
                 self._step(g)
         torch.cuda.current_stream(self.device).wait_stream(self._side)
         g.graph = torch.cuda.CUDAGraph()
-        # thread_local: a tenant's delta staged by another thread (AsyncEngine.load_delta) may copy and allocate
+        # thread_local: a tenant's delta written by another thread (AsyncEngine.load_delta) may copy and allocate
         # on its own stream meanwhile; the default mode would fail the capture on that.
         with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
             g.logits = self._step(g)
