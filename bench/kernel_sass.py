@@ -42,8 +42,9 @@ OPCODES = ("LDG", "SHFL", "BAR", "LOP3", "FADD", "P2R", "R2P")
 META = {"sorted_rows_ptr": "*i32", "seg_slots_ptr": "*i32", "seg_starts_ptr": "*i32", "seg_lens_ptr": "*i32",
         "blk_seg_ptr": "*i32", "blk_start_ptr": "*i32"}
 SIGNATURES = {
-    "shrink": (_shrink_decode_kernel, {"x_ptr": "*fp16", "z_ptr": "*fp32", "tiers_ptr": "*i64", **META, "d_in": "i32",
-                                       "group_size": "i32", "stride_xm": "i32", "stride_zm": "i32", "BLOCK_M": "i32"}),
+    "shrink": (_shrink_decode_kernel, {"xq_ptr": "*i32", "xs_ptr": "*fp32", "z_ptr": "*fp32", "tiers_ptr": "*i64",
+                                       **META, "d_in": "i32", "group_size": "i32", "stride_qm": "i32",
+                                       "stride_sm": "i32", "stride_zm": "i32", "BLOCK_M": "i32"}),
     "expand": (_expand_decode_kernel, {"ws_ptr": "*fp32", "z_ptr": "*fp32", "tiers_ptr": "*i64", "projs_ptr": "*i64",
                                        **META, "group_size": "i32", "stride_wm": "i32", "stride_zm": "i32",
                                        "BLOCK_M": "i32"}),
@@ -66,6 +67,8 @@ class Loop:
 def compile_cubin(kernel: str, config: dict[str, int], rows: int, arch: int) -> bytes:
     fn, signature = SIGNATURES[kernel]
     constexprs = {"DECODE_ROWS": rows, **{k: v for k, v in config.items() if k not in OPTIONS}}
+    if "ASM" in fn.arg_names:
+        constexprs["ASM"] = True  # the GPU's dp4a (kernels/bitserial.fixed_point_range_dots)
     names = fn.arg_names  # both tables keyed by position in the kernel's own argument order
     src = ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names},
                     constexprs={(names.index(k),): v for k, v in constexprs.items()})

@@ -16,14 +16,15 @@ import triton
 import triton.language as tl
 
 
+from .activation_quant import quantize_rows
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_range_dots, padded_to_words
+from .bitserial import fixed_point_range_dots
 from .lowrank_plan import (T_RANK_CAP, T_S, T_V_PLANES, T_V_SCALES, T_Z_COL, TIER_COLS, LowRankPlan, tier_factor,
                            z_columns)
 from .segment_tiles import decode_tile_rows, segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import LowRankProjection
-from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
+from .tuning import LaunchConfig, decode_config, _interpreting, dot_dtype, launch_config, work_bucket
 
 
 @triton.jit
@@ -80,20 +81,20 @@ def _shrink_kernel(
 
 @triton.jit(do_not_specialize=["stride_zm"])
 def _shrink_decode_kernel(
-    x_ptr, z_ptr, tiers_ptr,
+    xq_ptr, xs_ptr, z_ptr, tiers_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, group_size, stride_xm, stride_zm,
+    d_in, group_size, stride_qm, stride_sm, stride_zm,
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, SHARE_ROWS: tl.constexpr,
+    SPLIT_K: tl.constexpr, SHARE_ROWS: tl.constexpr, ASM: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py). By
-    default one pass over the slot's words per row (the later rows read them from L1/L2): a thread holds 32 x
-    values a row, and two rows' worth in one pass took 148 registers instead of 80, which halved the programs an SM
-    holds and made the shrink ~18% slower than two passes (bench/results/decode_rows_sweep_shared_shrink.md, at
-    128 ranks a program on 4 warps). SHARE_ROWS makes the tile's rows share each pass and bit test, as the expand
-    and sign decode kernels do. Off in the built-in defaults; at today's smaller programs bench/tune_decode.py's
-    H100 table takes it at 2-32 row tiles (128 registers at two-row tiles), 1.04-1.15x over a layer's four shapes
-    (bench/results/decode_tuning.md)."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, on the CUDA cores: x as 24-bit fixed point
+    (kernels/activation_quant.py; xq_ptr its int32 words, xs_ptr its group scales) meets the bit planes through
+    dp4a (kernels/bitserial.fixed_point_range_dots). By default one pass over the slot's words per row (the later
+    rows read them from L1/L2). With the fp32 loop before this one, two rows' worth of x in one pass took 148
+    registers instead of 80, which halved the programs an SM holds and made the shrink ~18% slower than two passes
+    (bench/results/decode_rows_sweep_shared_shrink.md, at 128 ranks a program on 4 warps). SHARE_ROWS makes the
+    tile's rows share each pass and plane word, as the expand and sign decode kernels do; off in the built-in
+    defaults, taken by bench/tune_decode.py's H100 table at 2-32 row tiles (bench/results/decode_tuning.md)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:
@@ -118,23 +119,26 @@ def _shrink_decode_kernel(
     if SHARE_ROWS:
         rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
         _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plane_stride, nbits, n_words,
-                        x_ptr, stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K)
+                        xq_ptr, stride_qm, xs_ptr, stride_sm, k_begin, k_end, scales, n_groups, group_size, s, z_col,
+                        BLOCK_K, ASM)
     else:
         first = tl.load(blk_start_ptr + pid_m)
         for i in range(0, n_rows):  # one row at a time: see the docstring
             row = tl.load(sorted_rows_ptr + first + i + tl.zeros((1,), dtype=tl.int32)).to(tl.int64)  # [1]
             _add_range_dots(z_ptr, stride_zm, row, row >= 0, planes, offs_r, r_mask, plane_stride, nbits, n_words,
-                            x_ptr, stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K)
+                            xq_ptr, stride_qm, xs_ptr, stride_sm, k_begin, k_end, scales, n_groups, group_size, s,
+                            z_col, BLOCK_K, ASM)
 
 
 @triton.jit
-def _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plane_stride, nbits, n_words, x_ptr,
-                    stride_xm, k_begin, k_end, scales, n_groups, group_size, s, z_col, BLOCK_K: tl.constexpr):
-    """z[rows, z_col + offs_r] += (V x_row)[offs_r] * s over this program's k range, for rows [X] sharing each bit
-    test (kernels/bitserial.centred_range_dots)."""
-    acc = centred_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
-                             x_ptr + rows * stride_xm, row_ok, k_begin, k_end, scales + offs_r * n_groups,
-                             group_size, BLOCK_K)  # [X, R] 2 * (code - centre) . x * scale
+def _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plane_stride, nbits, n_words, xq_ptr,
+                    stride_qm, xs_ptr, stride_sm, k_begin, k_end, scales, n_groups, group_size, s, z_col,
+                    BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+    """z[rows, z_col + offs_r] += (V x_row)[offs_r] * s over this program's k range, for rows [X] sharing each
+    plane word (kernels/bitserial.fixed_point_range_dots)."""
+    acc = fixed_point_range_dots(planes + offs_r * n_words, r_mask, plane_stride, nbits, n_words,
+                                 xq_ptr + rows * stride_qm, xs_ptr + rows * stride_sm, row_ok, k_begin, k_end,
+                                 scales + offs_r * n_groups, group_size, BLOCK_K, ASM)  # [X, R] 2 (code - centre) . x
     tl.atomic_add(z_ptr + rows[:, None] * stride_zm + (z_col + offs_r)[None, :], acc * (0.5 * s)[None, :],
                   mask=row_ok[:, None] & r_mask[None, :], sem="relaxed")
 
@@ -144,12 +148,15 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     """x [B, d_in] fp16/bf16/fp32 -> z fp32 [B, plan.z_width]. Only (row, column) pairs of a row's slot within
     that slot's rank are written (the rest stays 0; expand never reads it). config: tuning.launch_config's
     unless given (bench/tune_kernels.py times candidates through it)."""
-    z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
     tiles = meta.launch_tiles()
+    decode, dot, decode_rows = meta.tile_kinds("shrink")
+    if tiles is not None and plan.max_rank_cap > 0 and decode:
+        xq, z = quantize_rows(x, group_size, plan.z_width)  # zeroes z in the same launch
+    else:
+        z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
     if tiles is None or plan.max_rank_cap == 0:
         return z
     block_m, blk_seg, blk_start = tiles
-    decode, dot, decode_rows = meta.tile_kinds("shrink")
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
                  x.shape[1], group_size, x.stride(0), z.stride(0))
@@ -162,9 +169,9 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     if decode:
         d = decode_config("shrink", work, group_size, decode_rows)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], plan.tiers.shape[0], triton.cdiv(plan.max_rank_cap, d["BLOCK_R"]))
-        xw = padded_to_words(x)
-        _shrink_decode_kernel[grid](xw, z, plan.tiers, *meta_args[:-2], xw.stride(0), z.stride(0), BLOCK_M=block_m,
-                                    DECODE_ROWS=decode_rows, **d)
+        _shrink_decode_kernel[grid](xq.words, xq.scales, z, plan.tiers, *meta_args[:-2], xq.words.stride(0),
+                                    xq.scales.stride(0), z.stride(0), BLOCK_M=block_m, DECODE_ROWS=decode_rows,
+                                    ASM=not _interpreting(), **d)
     return z
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deltaserve.delta_store.packing import dequantize, pack_bitplanes, quantize_groups
+from deltaserve.kernels.activation_quant import quantize_rows, quantize_rows_reference
 from deltaserve.kernels.bitplanes import UNPACK_NAMES
 from deltaserve.kernels import LowRankProjection, PackedTierSlots, SlotMetadata, add_lowrank_delta, add_sign_delta
 from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lowrank_delta_triton
@@ -170,6 +171,33 @@ def test_lowrank_kernel_every_bit_width(bits: int, dtype: torch.dtype, strategy:
     with forced_unpack(strategy):
         add_lowrank_delta_triton(got, x, meta, projections, G)
     _assert_close(got, want, y0, rows, seed, lowrank=True)
+
+
+def _unpacked_fixed_point(words: torch.Tensor, d: int) -> torch.Tensor:
+    """int64 [B, d]: the q of quantize_rows' words, read back through the layout its module docstring gives."""
+    blocks = words.view(torch.int8).view(words.shape[0], -1, 96).long()
+    k = torch.arange(d)
+    byte = [blocks[:, k // 32, 32 * i + (k % 8) * 4 + (k % 32) // 8] for i in range(3)]
+    return byte[0] * 65536 + (byte[1] & 0xFF) * 256 + (byte[2] & 0xFF)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, *DTYPES), ids=str)
+def test_activation_fixed_point_matches_reference(dtype: torch.dtype, gen) -> None:
+    """quantize_rows (Triton) writes the reference's 24-bit q in its byte layout with the same scales, zeros past
+    d, a zero group as 0, and zeroes z; q * scale is x to within half a step (plus fp32 rounding)."""
+    g, seed = gen
+    x = (torch.randn(5, D_IN, generator=g) * torch.rand(5, 1, generator=g) * 30).to(dtype)
+    x[1, G:2 * G] = 0
+    got, z = quantize_rows(x, G, z_width=9)
+    q, scales = quantize_rows_reference(x, G)
+    assert torch.equal(got.scales, scales), f"seed {seed}"
+    full = _unpacked_fixed_point(got.words, 32 * got.words.shape[1] // 24)
+    assert torch.equal(full[:, :D_IN], q.long()), f"seed {seed}"
+    assert not full[:, D_IN:].any() and not q[1, G:2 * G].any() and scales[1, 1] == 0, f"seed {seed}"
+    assert z.shape == (5, 9) and not z.any()
+    step = scales.repeat_interleave(G, dim=1)[:, :D_IN]
+    err = (q.double() * step.double() - x.double()).abs()
+    assert (err <= 0.5 * step.double() + 1e-6 * x.double().abs()).all(), f"seed {seed}: {(err / step).max()}"
 
 
 def test_shrink_intermediate_is_fp32_and_matches(gen, unpack) -> None:

@@ -1,0 +1,96 @@
+"""The shrink decode kernel's activations as 24-bit fixed point: per row and per scale group of the V factor
+(group_size elements), scale = absmax / (2^23 - 1) and q = round(x / scale), split into three bytes, a signed top
+one and two unsigned (q = 65536 * b2 + 256 * b1 + b0).
+
+Why: that kernel (kernels/bitserial.fixed_point_range_dots) multiplies bit-plane codes by x on the CUDA cores. With
+x in bytes, four elements of a plane meet four bytes of x in one IDP.4A (dp4a), three for the three bytes, instead
+of four predicated fp32 adds. Why 24 bits: q's rounding (at most absmax * 2^-24) is that of fp32 at the group's
+largest element, so the kernel matches the exact product to fp32 precision, as the fp32 loop it replaced did.
+Fewer bits changed results measurably on the CPU: 16 (absmax / 65534, finer than fp16's own rounding) moved z by
+6e-5 of its norm, which summed terms that cancel turned into 2-ulp bf16 errors of the kernel test's outputs; 8 bits
+changed the engine's greedy tokens against the merged model (tests/test_engine.py).
+A group's scale sits beside V's group scale: both multiply a tile's integer sums once.
+
+Layout (what quantize_rows writes): a row is ceil(d / 32) blocks of 24 int32 words. Word j < 8 of a block holds the
+top bytes of elements j, j + 8, j + 16, j + 24 of the block's 32 (byte i: element 8 i + j), word 8 + j their middle
+bytes and word 16 + j their low bytes. The same four elements are the bits j, j + 8, j + 16, j + 24 of a bit-plane
+word, which (word >> j) & 0x01010101 lays out as bytes for dp4a.
+
+The launch also zeroes z (the shrink's fp32 output, whose partial sums arrive atomically): one launch for both, as
+every launch is a node of each captured decode graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.delta_store.packing import num_groups, num_words
+
+QMAX = 2**23 - 1
+WORDS_PER_BLOCK = 24  # int32 words of quantize_rows' output per 32 elements: 8 for each byte of q
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """quantize_rows' output: words int32 [B, 24 * ceil(d / 32)] in the layout above (q = 0 past d) and scales
+    fp32 [B, ceil(d / group_size)]."""
+    words: torch.Tensor
+    scales: torch.Tensor
+
+
+# z's width (a plan's sum of rank caps) is no specialization key: engine/kernel_warmup.py compiles this kernel with
+# small synthetic ranks, and a request must not compile it again.
+@triton.jit(do_not_specialize=["z_width", "stride_zm"])
+def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_size, stride_xm, stride_qm,
+                          stride_sm, stride_zm, BLOCK_G: tl.constexpr, BLOCK_Z: tl.constexpr):
+    """Program (row, group): quantizes one group of one row into bytes at q_ptr (int8, stride_qm bytes a row); the
+    row's group-0 program also zeroes its z row."""
+    row, grp = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    k = grp * group_size + tl.arange(0, BLOCK_G)
+    in_group = tl.arange(0, BLOCK_G) < group_size
+    x = tl.load(x_ptr + row * stride_xm + k, mask=in_group & (k < d), other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), axis=0), 8388607.0)
+    # x / scale rounds in fp32, so the group's absmax may land on 2^23: clamped, as q's top byte must fit int8
+    q = tl.where(scale > 0, tl.floor(tl.math.div_rn(x, tl.maximum(scale, 1e-30)) + 0.5), 0.0)
+    q = tl.minimum(tl.maximum(q, -8388607.0), 8388607.0).to(tl.int32)
+    # element k's top byte: block k // 32 of 96 bytes, word k % 8, byte (k % 32) // 8; the middle one 32 bytes on,
+    # the low one 64. Bytes are stored as the int8 of the same bits.
+    at = q_ptr + row * stride_qm + (k // 32) * 96 + (k % 8) * 4 + (k % 32) // 8
+    ok = in_group & (k < tl.cdiv(d, 32) * 32)
+    tl.store(at, (q >> 16).to(tl.int8), mask=ok)  # arithmetic shift: floor(q / 65536), in [-128, 127]
+    for i in tl.static_range(1, 3):
+        byte = (q >> (16 - 8 * i)) & 0xFF
+        tl.store(at + 32 * i, tl.where(byte > 127, byte - 256, byte).to(tl.int8), mask=ok)
+    tl.store(scales_ptr + row * stride_sm + grp, scale)
+    if grp == 0:
+        for c in range(0, z_width, BLOCK_Z):
+            cols = c + tl.arange(0, BLOCK_Z)
+            tl.store(z_ptr + row * stride_zm + cols, tl.zeros((BLOCK_Z,), dtype=tl.float32), mask=cols < z_width)
+
+
+def quantize_rows(x: torch.Tensor, group_size: int, z_width: int = 0) -> tuple[QuantizedRows, torch.Tensor]:
+    """x [B, d] fp16/bf16/fp32 -> (its QuantizedRows, z: zeros fp32 [B, z_width]), in one Triton launch."""
+    b, d = x.shape
+    words = torch.empty(b, WORDS_PER_BLOCK * num_words(d), dtype=torch.int32, device=x.device)
+    scales = torch.empty(b, num_groups(d, group_size), dtype=torch.float32, device=x.device)
+    z = torch.empty(b, z_width, dtype=torch.float32, device=x.device)
+    if b and d:
+        q = words.view(torch.int8)
+        _quantize_rows_kernel[(b, scales.shape[1])](
+            x, q, scales, z, d, z_width, group_size, x.stride(0), q.stride(0), scales.stride(0), max(z.stride(0), 1),
+            BLOCK_G=triton.next_power_of_2(group_size), BLOCK_Z=256)
+    return QuantizedRows(words, scales), z
+
+
+def quantize_rows_reference(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch quantize_rows in element order: (q int32 [B, d], |q| <= 2^23 - 1, scales fp32 [B, groups])."""
+    b, d = x.shape
+    groups = num_groups(d, group_size)
+    padded = torch.nn.functional.pad(x.float(), (0, groups * group_size - d)).view(b, groups, group_size)
+    scales = padded.abs().amax(dim=2) / QMAX
+    q = torch.where(scales[..., None] > 0, torch.floor(padded / scales.clamp_min(1e-30)[..., None] + 0.5), 0.0)
+    q = q.clamp(-QMAX, QMAX)
+    return q.view(b, -1)[:, :d].to(torch.int32), scales
