@@ -73,7 +73,7 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
                            scale_ptrs, group_size, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """centred_range_dots with scales, for activations quantized by activation_quant.quantize_rows: xq_rows [X]
     point at each row's int32 words, xs_rows [X] at its fp32 group scales. A tile lies in one scale group
-    (BLOCK_K divides group_size). Each byte of x keeps its own integer sums (|sum| < 2^28 over a word's 32
+    (BLOCK_K divides group_size). Each byte of x keeps its own integer sums (|sum| < 2^22 over a word's 32
     elements, exact in int32); a tile ends with three conversions and one multiply by both group scales. ASM: dp4a
     as inline PTX (GPU), else as integer ops (TRITON_INTERPRET=1 cannot run PTX)."""
     acc = tl.zeros((xq_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)
