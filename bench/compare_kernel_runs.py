@@ -2,7 +2,7 @@
 
 Usage: python bench/compare_kernel_runs.py BEFORE/kernels.json AFTER/kernels.json --title "..." --out results/ab.md
 Per decode case: both runs' kernel time (CUDA graph replay) and fraction of copy bandwidth, and before / after
-(> 1: the change is faster); then the geometric mean, the range, and the whole 7B layer of both runs. Both files
+(> 1: the change is faster), of the low-rank delta (default) or, with --kernel sign, of the BitDelta sign kernel; then the geometric mean, the range, and the whole 7B layer of both runs. Both files
 must come from the same GPU, ideally the same call (each run measures its own copy bandwidth; both are shown).
 """
 from __future__ import annotations
@@ -13,7 +13,12 @@ import math
 from pathlib import Path
 
 
-def compare(before: dict, after: dict) -> dict:
+# kernel -> (its time, its fraction of copy bandwidth) in kernel_bench's decode rows
+FIELDS = {"lowrank": ("kernel_us", "frac_copy_bw"), "sign": ("sign_us", "sign_frac_copy_bw")}
+
+
+def compare(before: dict, after: dict, kernel: str = "lowrank") -> dict:
+    time, bw = FIELDS[kernel]
     if before["device"] != after["device"]:
         raise SystemExit(f"runs on different GPUs: {before['device']} vs {after['device']}")
     key = lambda r: (r["shape"], r["batch"], r["tenants"])  # noqa: E731
@@ -23,9 +28,8 @@ def compare(before: dict, after: dict) -> dict:
         a = after_rows.get(key(b))
         if a is None:
             continue
-        rows.append(dict(shape=b["shape"], batch=b["batch"], tenants=b["tenants"], before_us=b["kernel_us"],
-                         after_us=a["kernel_us"], before_bw=b["frac_copy_bw"], after_bw=a["frac_copy_bw"],
-                         speedup=b["kernel_us"] / a["kernel_us"]))
+        rows.append(dict(shape=b["shape"], batch=b["batch"], tenants=b["tenants"], before_us=b[time],
+                         after_us=a[time], before_bw=b[bw], after_bw=a[bw], speedup=b[time] / a[time]))
     if not rows:
         raise SystemExit("the runs share no decode case")
     speedups = [r["speedup"] for r in rows]
@@ -63,8 +67,9 @@ def main() -> None:
     ap.add_argument("--title", required=True)
     ap.add_argument("--command", default="", help="how the two runs were made (printed under the title)")
     ap.add_argument("--out", type=Path, required=True, help="the .md to write (a .json beside it)")
+    ap.add_argument("--kernel", choices=sorted(FIELDS), default="lowrank", help="which kernel's times to compare")
     args = ap.parse_args()
-    res = compare(json.loads(args.before.read_text()), json.loads(args.after.read_text()))
+    res = compare(json.loads(args.before.read_text()), json.loads(args.after.read_text()), args.kernel)
     args.out.write_text(markdown(res, args.title, args.command))
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     print(f"geomean {res['geomean']:.3f} ({res['min']:.3f}-{res['max']:.3f})")

@@ -48,8 +48,9 @@ SIGNATURES = {
     "expand": (_expand_decode_kernel, {"ws_ptr": "*fp32", "z_ptr": "*fp32", "tiers_ptr": "*i64", "projs_ptr": "*i64",
                                        **META, "group_size": "i32", "stride_wm": "i32", "stride_zm": "i32",
                                        "BLOCK_M": "i32"}),
-    "sign": (_sign_decode_kernel, {"ws_ptr": "*fp32", "x_ptr": "*fp16", "projs_ptr": "*i64", **META, "d_in": "i32",
-                                   "stride_wm": "i32", "stride_xm": "i32", "BLOCK_M": "i32"}),
+    "sign": (_sign_decode_kernel, {"ws_ptr": "*fp32", "xq_ptr": "*i32", "xs_ptr": "*fp32", "projs_ptr": "*i64",
+                                   **META, "d_in": "i32", "stride_wm": "i32", "stride_qm": "i32", "stride_sm": "i32",
+                                   "BLOCK_M": "i32"}),
 }
 # (kernel, row tiles of the launch, rows a tile): batch 64 over 64 tenants (one row a tile) and over 32 (two rows).
 CASES = (("shrink", 64, 1), ("shrink", 32, 2), ("expand", 64, 1), ("expand", 32, 2), ("sign", 64, 1), ("sign", 32, 2))

@@ -1,91 +1,48 @@
-"""Triton device helpers of the decode (BGMV) kernels: bit-serial products of bit-plane codes, on the CUDA cores.
+"""Triton device helpers of the decode (BGMV) kernels: products of bit-plane codes on the CUDA cores.
 
-A decode tile holds one or two rows of one slot (tuning.decode_rows), so tl.dot would pad it to 16 rows and, worse, the
-tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
+A decode tile holds one to four rows of one slot (tuning.DECODE_ROWS_POLICY), so tl.dot would pad it to 16 rows and,
+worse, the tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
 instructions an element on the H100 (SASS of the tl.dot kernels, bench/results/kernels.md: 2-7% of copy
-bandwidth). Here a thread keeps each 32-bit plane word whole and walks its 32 bits with the bit index known at
-compile time: one bit test and one predicated add per bit (ptxas emits LOP3.P + @P FADD, SASS checked with
-triton 3.6 for sm_90), with no shared memory at all. Codes are never built: sum_k code_k x_k is
-sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per word through the sum of x.
-Rows of one tile can share the bit test (one LOP3.P, then a predicated add per row): the helpers take a leading
-row axis.
-The shrink's loop (fixed_point_range_dots) takes x as 24-bit fixed point instead (kernels/activation_quant.py):
-bits j, j + 8, j + 16, j + 24 of a word, masked out as four bytes, meet the four matching bytes of x in one dp4a
-(IDP.4A), three with x's three bytes: per 32 bits of a plane 8 shifts, 8 masks and 24 dp4a a row, against 32 bit
-tests and 32 predicated adds a row here.
+bandwidth). Here a thread keeps each 32-bit plane word whole, with no shared memory at all, and codes are never
+built: sum_k code_k x_k is sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per word
+through the sum of x. Rows of one tile can share each plane word: the helpers take a leading row axis.
+- fixed_point_range_dots (the shrink and sign kernels, whose bits run along x): x comes as 24-bit fixed point
+  (kernels/activation_quant.py). Bits j, j + 8, j + 16, j + 24 of a word, masked out as four bytes, meet the four
+  matching bytes of x in one dp4a (IDP.4A), three for x's three bytes: per 32 bits of a plane and row 8 shifts, 8
+  masks and 24 dp4a. The fp32 loop before it took one bit test and one predicated add a bit (LOP3.P + @P FADD):
+  303 against 217 instructions a plane at the shrink's default config (bench/results/kernel_sass_dp4a_defaults.md).
+- add_at_set_bits (the expand kernel, whose bits run along the outputs, each adding one z value): one bit test and
+  one predicated add per bit and row.
 """
-import torch
 import triton
 import triton.language as tl
 
 @triton.jit
-def centred_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, x_rows, x_ok, k_begin, k_end, scale_ptrs,
-                       group_size, BLOCK_K: tl.constexpr):
-    """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x_i[k] * scale[k // group_size], fp32
-    [X, R], for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p
-    at + p * plane_stride; n_words words a row) and the X activation rows at x_rows [X] (fp16/bf16/fp32, padded
-    to whole words, see padded_to_words; rows where x_ok is False read as 0). scale_ptrs [R] points at each row's
-    fp16 group scales, or is None (no scales). k_begin and the tile BLOCK_K are multiples of 32, and of
-    group_size when scaled. nbits >= 1; masked rows give 0.
-    The X activation rows share each bit test: one LOP3 sets the predicate, then X predicated adds (a thread
-    holds all X sums of its words), so a tile of X rows costs 1 + X instructions a bit, not 2 X."""
-    # Per word until the end: summing over a tile's words crosses lanes (shuffles) at every tile.
-    acc = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)
-    lanes = tl.arange(0, BLOCK_K // 32)
-    # Each plane's words are loaded one (tile, plane) step ahead, while the step before adds its bits: a
-    # loop-carried load stays in flight across the bit loop (ptxas sinks a load of the same iteration below
-    # earlier adds), as in the expand decode kernel, instead of a wait on memory at every plane. On the H100 the
-    # one-row shrink got 1.09-1.16x faster at 64 tenants and the sign kernel 1.06-1.37x; two-row tiles, held to
-    # 128 registers by the table, 1-5% slower (bench/results/kernel_ab_bitserial_prefetch.md).
-    w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k_begin, k_end, 0, lanes)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        words = k0 // 32 + lanes
-        x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
-        x_ptrs = x_rows[:, None] + words[None, :] * 32
-        scale = tl.full(rows_ptrs.shape, 1.0, tl.float32)
-        if scale_ptrs is not None:  # loaded first, to be in flight during the bit loop
-            scale = tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)
-        # The sum of x through one vector load: the bit loop's 32 scalar loads a tile are hoisted out of the
-        # plane loop but never merged with another loop's, and each costs a load and a conversion.
-        xs = tl.load(x_ptrs[:, :, None] + tl.arange(0, 32)[None, None, :], mask=x_mask[:, :, None], other=0.0)
-        xsum = tl.sum(xs.to(tl.float32), axis=2)  # [X, NW]
-        codes_x = tl.zeros((x_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)  # per word
-        weight = 1.0  # 2^p
-        for p in range(0, nbits):
-            w = w_next
-            last = p + 1 >= nbits  # then the next words are plane 0 of the next tile
-            w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, tl.where(last, k0 + BLOCK_K, k0),
-                                  k_end, tl.where(last, 0, p + 1), lanes)
-            plane_x = tl.zeros(codes_x.shape, dtype=tl.float32)
-            for j in tl.static_range(32):
-                xj = tl.load(x_ptrs + j, mask=x_mask, other=0.0).to(tl.float32)
-                bit = ((w >> j) & 1) != 0
-                plane_x = tl.where(bit, plane_x + xj[:, None, :], plane_x)  # predicated adds
-            codes_x += plane_x * weight
-            weight *= 2.0
-        # weight - 1 = 2^nbits - 1
-        acc += (2.0 * codes_x - (weight - 1.0) * xsum[:, None, :]) * scale[None, :, None]
-    return tl.sum(acc, axis=2)
-
-
-@triton.jit
 def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq_rows, xs_rows, x_ok, k_begin, k_end,
                            scale_ptrs, group_size, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-    """centred_range_dots with scales, for activations quantized by activation_quant.quantize_rows: xq_rows [X]
-    point at each row's int32 words, xs_rows [X] at its fp32 group scales. A tile lies in one scale group
-    (BLOCK_K divides group_size). Each byte of x keeps its own integer sums (|sum| < 2^22 over a word's 32
-    elements, exact in int32); a tile ends with three conversions and one multiply by both group scales. ASM: dp4a
-    as inline PTX (GPU), else as integer ops (TRITON_INTERPRET=1 cannot run PTX)."""
+    """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x_i[k] * scale[k // group_size], fp32
+    [X, R], for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p
+    at + p * plane_stride; n_words words a row; masked rows give 0) and the X activation rows (rows where x_ok is
+    False read as 0), quantized by activation_quant.quantize_rows: xq_rows [X] point at each row's int32 words,
+    xs_rows [X] at its fp32 scales, one per group_size elements, which is also the group of V's scales at
+    scale_ptrs [R] (or None: no scales, the sign kernel's). k_begin and BLOCK_K are multiples of 32 and a tile
+    lies in one scale group (BLOCK_K divides group_size). Each byte of x keeps its own integer sums (|sum| < 2^22
+    over a word's 32 elements, exact in int32); a tile ends with three conversions and one multiply by the scales.
+    ASM: dp4a as inline PTX (GPU), else as integer ops (TRITON_INTERPRET=1 cannot run PTX)."""
     acc = tl.zeros((xq_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)
     lanes = tl.arange(0, BLOCK_K // 32)
     every_bit = tl.full((1, 1), -1, tl.int32)  # a plane word of all ones: _byte_dots then sums x's bytes
+    # Each plane's words are loaded one (tile, plane) step ahead, while the step before runs: a loop-carried load
+    # stays in flight across the dp4a loop, as in the expand decode kernel, instead of a wait on memory at every
+    # plane (the fp32 loop before this one got 1.06-1.37x faster so, bench/results/kernel_ab_bitserial_prefetch.md).
     w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k_begin, k_end, 0, lanes)
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = k0 // 32 + lanes
         x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
         x_ptrs = xq_rows[:, None] + words[None, :] * 24  # word 0 of each 32's block of 24 (activation_quant)
-        scale = tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)[None, :] * \
-            tl.load(xs_rows + k0 // group_size, mask=x_ok, other=0.0)[:, None]  # [X, R]: V's scale times x's
+        scale = tl.load(xs_rows + k0 // group_size, mask=x_ok, other=0.0)[:, None]  # [X, 1]: x's group scale
+        if scale_ptrs is not None:  # times V's: [X, R]
+            scale = scale * tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         # The loads of x below are loop-invariant: ptxas keeps a tile's 24 words a row in registers.
         sum2, sum1, sum0 = _byte_dots(every_bit, x_ptrs, x_mask, ASM)  # [X, NW] sums of x's bytes
         codes2 = tl.zeros(acc.shape, dtype=tl.int32)  # sum_k code_k * byte_k, per word and byte of x
@@ -156,13 +113,6 @@ def _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k0, k_end, p, lanes
     # interpreter cannot mask with a scalar)
     mask = row_mask[None, :, None] & ((words < n_words) & (words * 32 < k_end))[None, None, :]
     return tl.load(rows_ptrs[None, :, None] + words[None, None, :] + p * plane_stride, mask=mask, other=0)
-
-
-def padded_to_words(x: torch.Tensor) -> torch.Tensor:
-    """x [B, d] itself when d is a multiple of 32 (every model we serve), else a copy padded with zeros to
-    whole words, so that the decode kernels read x word by word with no per-element bound."""
-    pad = -x.shape[1] % 32
-    return x if pad == 0 else torch.nn.functional.pad(x, (0, pad))
 
 
 @triton.jit

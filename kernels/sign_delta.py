@@ -16,12 +16,13 @@ import triton.language as tl
 from deltaserve.delta_store.packing import unpack_bitplanes
 
 from .bitplanes import tile_offsets, unpack_centred
-from .bitserial import centred_range_dots, padded_to_words
+from .activation_quant import quantize_rows
+from .bitserial import fixed_point_range_dots
 from .segment_tiles import decode_tile_rows, segment_tile_rows, split_k_range, tile_row_count
 from .slot_metadata import SlotMetadata
 from .slots import SignProjection, check_sign_call
 from .tables import device_table
-from .tuning import LaunchConfig, decode_config, dot_dtype, launch_config, work_bucket
+from .tuning import LaunchConfig, _interpreting, decode_config, dot_dtype, launch_config, work_bucket
 from .workspace import add_workspace, fp32_workspace
 
 # Columns of a projection descriptor (int64 each).
@@ -81,14 +82,15 @@ def _sign_kernel(
 
 @triton.jit
 def _sign_decode_kernel(
-    ws_ptr, x_ptr, projs_ptr,
+    ws_ptr, xq_ptr, xs_ptr, projs_ptr,
     sorted_rows_ptr, seg_slots_ptr, seg_starts_ptr, seg_lens_ptr, blk_seg_ptr, blk_start_ptr,
-    d_in, stride_wm, stride_xm,
+    d_in, stride_wm, stride_qm, stride_sm,
     BLOCK_M, DECODE_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, ASM: tl.constexpr,
 ):
-    """BGMV: row tiles of at most DECODE_ROWS rows, bit-serial on the CUDA cores (kernels/bitserial.py), one
-    pass over the sign words for all rows of the tile."""
+    """BGMV: row tiles of at most DECODE_ROWS rows, on the CUDA cores, one pass over the sign words for all rows of
+    the tile: x as 24-bit fixed point in groups of BLOCK_K (kernels/activation_quant.py) meets the signs through
+    dp4a (kernels/bitserial.fixed_point_range_dots), as in the shrink decode kernel."""
     pid_m, pid_n, proj = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg, slot, signs, scale, out_offset, offs_n, n_mask, n_words = _program_signs(
         projs_ptr, blk_seg_ptr, seg_slots_ptr, pid_m, pid_n, proj, d_in, BLOCK_N)
@@ -101,8 +103,9 @@ def _sign_decode_kernel(
     if k_begin >= k_end:
         return  # more splits than d_in has k tiles: no atomic adds of zeros
     rows, row_ok = decode_tile_rows(sorted_rows_ptr, blk_start_ptr, pid_m, n_rows, DECODE_ROWS)
-    acc = centred_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, x_ptr + rows * stride_xm, row_ok,
-                             k_begin, k_end, None, 0, BLOCK_K)  # [ROWS, N] (2 bit - 1) . x
+    acc = fixed_point_range_dots(signs + offs_n * n_words, n_mask, 0, 1, n_words, xq_ptr + rows * stride_qm,
+                                 xs_ptr + rows * stride_sm, row_ok, k_begin, k_end, None, BLOCK_K, BLOCK_K,
+                                 ASM)  # [ROWS, N] (2 bit - 1) . x
     tl.atomic_add(ws_ptr + rows[:, None] * stride_wm + (out_offset + offs_n)[None, :], acc * scale,
                   mask=row_ok[:, None] & n_mask[None, :], sem="relaxed")
 
@@ -137,9 +140,13 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
     if plan.table.shape[0] != len(projections):
         raise ValueError(f"the plan is for {plan.table.shape[0]} projections, the call has {len(projections)}")
     block_m, blk_seg, blk_start = tiles
-    ws = fp32_workspace(y)
     decode, dot, decode_rows = meta.tile_kinds("sign")
     work = work_bucket(blk_seg.shape[0])
+    if decode:  # x's scale groups are the decode kernel's k tiles; the same launch zeroes the workspace
+        d = decode_config("sign", work, None, decode_rows)
+        xq, ws = quantize_rows(x, d["BLOCK_K"], z_width=y.shape[1])
+    else:
+        ws = fp32_workspace(y)
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],
                  ws.stride(0))
     if dot:
@@ -149,11 +156,10 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
         _sign_kernel[grid](ws, x, plan.table, *meta_args, x.stride(0), DOT_DTYPE=dot_dtype(x.dtype), BLOCK_M=block_m,
                            DECODE_ROWS=decode_rows, **config.launch_kwargs("sign"))
     if decode:
-        d = decode_config("sign", work, None, decode_rows)
         grid = (blk_seg.shape[0] * d["SPLIT_K"], triton.cdiv(plan.max_d_out, d["BLOCK_N"]), len(projections))
-        xw = padded_to_words(x)
-        _sign_decode_kernel[grid](ws, xw, plan.table, *meta_args, xw.stride(0), BLOCK_M=block_m,
-                                  DECODE_ROWS=decode_rows, **d)
+        _sign_decode_kernel[grid](ws, xq.words, xq.scales, plan.table, *meta_args, xq.words.stride(0),
+                                  xq.scales.stride(0), BLOCK_M=block_m, DECODE_ROWS=decode_rows,
+                                  ASM=not _interpreting(), **d)
     add_workspace(y, ws)
 
 
