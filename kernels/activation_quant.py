@@ -1,22 +1,22 @@
-"""The shrink decode kernel's activations as 24-bit fixed point: per row and per scale group of the V factor
-(group_size elements), scale = absmax / (2^23 - 1) and q = round(x / scale), split into three bytes, a signed top
-one and two unsigned (q = 65536 * b2 + 256 * b1 + b0).
+"""The activations of the shrink and sign decode kernels as 24-bit fixed point: per row and per group of group_size
+elements (the shrink: V's scale groups; the sign kernel: its k tiles), scale = absmax / (2^23 - 1) and
+q = round(x / scale), split into three bytes, a signed top one and two unsigned (q = 65536 * b2 + 256 * b1 + b0).
 
-Why: that kernel (kernels/bitserial.fixed_point_range_dots) multiplies bit-plane codes by x on the CUDA cores. With
+Why: those kernels (kernels/bitserial.fixed_point_range_dots) multiply bit-plane codes by x on the CUDA cores. With
 x in bytes, four elements of a plane meet four bytes of x in one IDP.4A (dp4a), three for the three bytes, instead
 of four predicated fp32 adds. Why 24 bits: q's rounding (at most absmax * 2^-24) is that of fp32 at the group's
-largest element, so the kernel matches the exact product to fp32 precision, as the fp32 loop it replaced did.
+largest element, so the kernels match the exact product to fp32 precision, as the fp32 loop they replaced did.
 Fewer bits changed results measurably on the CPU: 16 (absmax / 65534, finer than fp16's own rounding) moved z by
 6e-5 of its norm, which summed terms that cancel turned into 2-ulp bf16 errors of the kernel test's outputs; 8 bits
 changed the engine's greedy tokens against the merged model (tests/test_engine.py).
-A group's scale sits beside V's group scale: both multiply a tile's integer sums once.
+A tile lies in one group: its integer sums take x's scale (and V's group scale) once.
 
 Layout (what quantize_rows writes): a row is ceil(d / 32) blocks of 24 int32 words. Word j < 8 of a block holds the
 top bytes of elements j, j + 8, j + 16, j + 24 of the block's 32 (byte i: element 8 i + j), word 8 + j their middle
 bytes and word 16 + j their low bytes. The same four elements are the bits j, j + 8, j + 16, j + 24 of a bit-plane
 word, which (word >> j) & 0x01010101 lays out as bytes for dp4a.
 
-The launch also zeroes z (the shrink's fp32 output, whose partial sums arrive atomically): one launch for both, as
+The launch also zeroes z (the kernel's fp32 output, whose partial sums arrive atomically): one launch for both, as
 every launch is a node of each captured decode graph.
 """
 from __future__ import annotations
