@@ -30,7 +30,7 @@ import triton.language as tl
 from deltaserve.delta_store.packing import num_groups, num_words
 
 QMAX = 2**23 - 1
-WORDS_PER_BLOCK = 24  # int32 words of quantize_rows' output per 32 elements: 8 for each byte of q
+WORDS_PER_BLOCK = tl.constexpr(24)  # int32 words of quantize_rows' output per 32 elements: 8 for each byte of q
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_siz
     # x / scale rounds in fp32, so the group's absmax may land on 2^23: clamped, as q's top byte must fit int8
     q = tl.where(scale > 0, tl.floor(tl.math.div_rn(x, tl.maximum(scale, 1e-30)) + 0.5), 0.0)
     q = tl.minimum(tl.maximum(q, -8388607.0), 8388607.0).to(tl.int32)
-    # element k's top byte: block k // 32 of 96 bytes, word k % 8, byte (k % 32) // 8; the middle one 32 bytes on,
-    # the low one 64. Bytes are stored as the int8 of the same bits.
-    at = q_ptr + row * stride_qm + (k // 32) * 96 + (k % 8) * 4 + (k % 32) // 8
+    # element k's top byte: block k // 32 (of 4 * WORDS_PER_BLOCK bytes), word k % 8, byte (k % 32) // 8; the middle
+    # one 32 bytes on, the low one 64. Bytes are stored as the int8 of the same bits.
+    at = q_ptr + row * stride_qm + (k // 32) * (4 * WORDS_PER_BLOCK) + (k % 8) * 4 + (k % 32) // 8
     ok = in_group & (k < tl.cdiv(d, 32) * 32)
     tl.store(at, (q >> 16).to(tl.int8), mask=ok)  # arithmetic shift: floor(q / 65536), in [-128, 127]
     for i in tl.static_range(1, 3):
@@ -74,7 +74,7 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_siz
 def quantize_rows(x: torch.Tensor, group_size: int, z_width: int = 0) -> tuple[QuantizedRows, torch.Tensor]:
     """x [B, d] fp16/bf16/fp32 -> (its QuantizedRows, z: zeros fp32 [B, z_width]), in one Triton launch."""
     b, d = x.shape
-    words = torch.empty(b, WORDS_PER_BLOCK * num_words(d), dtype=torch.int32, device=x.device)
+    words = torch.empty(b, WORDS_PER_BLOCK.value * num_words(d), dtype=torch.int32, device=x.device)
     scales = torch.empty(b, num_groups(d, group_size), dtype=torch.float32, device=x.device)
     z = torch.empty(b, z_width, dtype=torch.float32, device=x.device)
     if b and d:

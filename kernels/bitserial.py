@@ -17,6 +17,8 @@ through the sum of x. Rows of one tile can share each plane word: the helpers ta
 import triton
 import triton.language as tl
 
+from .activation_quant import WORDS_PER_BLOCK
+
 @triton.jit
 def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq_rows, xs_rows, x_ok, k_begin, k_end,
                            scale_ptrs, group_size, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
@@ -39,7 +41,7 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = k0 // 32 + lanes
         x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
-        x_ptrs = xq_rows[:, None] + words[None, :] * 24  # word 0 of each 32's block of 24 (activation_quant)
+        x_ptrs = xq_rows[:, None] + words[None, :] * WORDS_PER_BLOCK  # word 0 of each 32's block (activation_quant)
         scale = tl.load(xs_rows + k0 // group_size, mask=x_ok, other=0.0)[:, None]  # [X, 1]: x's group scale
         if scale_ptrs is not None:  # times V's: [X, R]
             scale = scale * tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)[None, :]

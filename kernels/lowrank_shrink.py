@@ -149,13 +149,13 @@ def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_
     that slot's rank are written (the rest stays 0; expand never reads it). config: tuning.launch_config's
     unless given (bench/tune_kernels.py times candidates through it)."""
     tiles = meta.launch_tiles()
+    if tiles is None or plan.max_rank_cap == 0:
+        return torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
     decode, dot, decode_rows = meta.tile_kinds("shrink")
-    if tiles is not None and plan.max_rank_cap > 0 and decode:
+    if decode:
         xq, z = quantize_rows(x, group_size, plan.z_width)  # zeroes z in the same launch
     else:
         z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
-    if tiles is None or plan.max_rank_cap == 0:
-        return z
     block_m, blk_seg, blk_start = tiles
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,
