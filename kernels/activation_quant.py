@@ -14,7 +14,9 @@ A tile lies in one group: its integer sums take x's scale (and V's group scale) 
 Layout (what quantize_rows writes): a row is ceil(d / 32) blocks of 24 int32 words. Word j < 8 of a block holds the
 top bytes of elements j, j + 8, j + 16, j + 24 of the block's 32 (byte i: element 8 i + j), word 8 + j their middle
 bytes and word 16 + j their low bytes. The same four elements are the bits j, j + 8, j + 16, j + 24 of a bit-plane
-word, which (word >> j) & 0x01010101 lays out as bytes for dp4a.
+word, which (word >> j) & 0x01010101 lays out as bytes for dp4a. After the blocks come three words a block: the
+sums over its 32 elements of the top (signed), middle and low (unsigned) bytes, which take the codes' centre off
+(kernels/bitserial.py) without a dp4a of their own.
 
 The launch also zeroes z (the kernel's fp32 output, whose partial sums arrive atomically): one launch for both, as
 every launch is a node of each captured decode graph.
@@ -31,12 +33,13 @@ from deltaserve.delta_store.packing import num_groups, num_words
 
 QMAX = 2**23 - 1
 WORDS_PER_BLOCK = tl.constexpr(24)  # int32 words of quantize_rows' output per 32 elements: 8 for each byte of q
+SUMS_PER_BLOCK = tl.constexpr(3)  # then, after every block's words, its three byte sums
 
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """quantize_rows' output: words int32 [B, 24 * ceil(d / 32)] in the layout above (q = 0 past d) and scales
-    fp32 [B, ceil(d / group_size)]."""
+    """quantize_rows' output: words int32 [B, 27 * ceil(d / 32)] in the layout above (q = 0 past d: the byte
+    words, then the byte sums) and scales fp32 [B, ceil(d / group_size)]."""
     words: torch.Tensor
     scales: torch.Tensor
 
@@ -60,10 +63,19 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_siz
     # one 32 bytes on, the low one 64. Bytes are stored as the int8 of the same bits.
     at = q_ptr + row * stride_qm + (k // 32) * (4 * WORDS_PER_BLOCK) + (k % 8) * 4 + (k % 32) // 8
     ok = in_group & (k < tl.cdiv(d, 32) * 32)
-    tl.store(at, (q >> 16).to(tl.int8), mask=ok)  # arithmetic shift: floor(q / 65536), in [-128, 127]
-    for i in tl.static_range(1, 3):
-        byte = (q >> (16 - 8 * i)) & 0xFF
-        tl.store(at + 32 * i, tl.where(byte > 127, byte - 256, byte).to(tl.int8), mask=ok)
+    # The group's blocks' byte sums go after the row's blocks (group_size is a multiple of 32: a block lies in one
+    # group)
+    blocks = grp * (group_size // 32) + tl.arange(0, BLOCK_G // 32)
+    n_blocks = tl.cdiv(d, 32)
+    row_words = (q_ptr + row * stride_qm).to(tl.pointer_type(tl.int32))
+    sums = row_words + WORDS_PER_BLOCK * n_blocks + SUMS_PER_BLOCK * blocks
+    sums_ok = (tl.arange(0, BLOCK_G // 32) < group_size // 32) & (blocks < n_blocks)
+    for i in tl.static_range(3):
+        byte = q >> (16 - 8 * i)  # the top byte by arithmetic shift: floor(q / 65536), in [-128, 127]
+        if i > 0:
+            byte = byte & 0xFF
+        tl.store(at + 32 * i, tl.where(byte > 127, byte - 256, byte).to(tl.int8), mask=ok)  # as int8 of its bits
+        tl.store(sums + i, tl.sum(tl.reshape(byte, (BLOCK_G // 32, 32)), axis=1), mask=sums_ok)
     tl.store(scales_ptr + row * stride_sm + grp, scale)
     if grp == 0:
         for c in range(0, z_width, BLOCK_Z):
@@ -74,7 +86,8 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_siz
 def quantize_rows(x: torch.Tensor, group_size: int, z_width: int = 0) -> tuple[QuantizedRows, torch.Tensor]:
     """x [B, d] fp16/bf16/fp32 -> (its QuantizedRows, z: zeros fp32 [B, z_width]), in one Triton launch."""
     b, d = x.shape
-    words = torch.empty(b, WORDS_PER_BLOCK.value * num_words(d), dtype=torch.int32, device=x.device)
+    words = torch.empty(b, (WORDS_PER_BLOCK.value + SUMS_PER_BLOCK.value) * num_words(d), dtype=torch.int32,
+                        device=x.device)
     scales = torch.empty(b, num_groups(d, group_size), dtype=torch.float32, device=x.device)
     z = torch.empty(b, z_width, dtype=torch.float32, device=x.device)
     if b and d:

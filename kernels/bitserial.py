@@ -3,39 +3,42 @@
 A decode tile holds one to four rows of one slot (tuning.DECODE_ROWS_POLICY), so tl.dot would pad it to 16 rows and,
 worse, the tensor cores need the codes unpacked into their operand layout through shared memory, which cost ~10
 instructions an element on the H100 (SASS of the tl.dot kernels, bench/results/kernels.md: 2-7% of copy
-bandwidth). Here a thread keeps each 32-bit plane word whole, with no shared memory at all, and codes are never
-built: sum_k code_k x_k is sum_p 2^p sum_k bit_pk x_k, and the centre (2^nbits - 1) / 2 comes off once per word
-through the sum of x. Rows of one tile can share each plane word: the helpers take a leading row axis.
+bandwidth). Here a thread keeps each 32-bit plane word whole, with no shared memory at all, and the centre
+(2^nbits - 1) / 2 comes off once per word through the sum of x. Rows of one tile can share each plane word: the
+helpers take a leading row axis.
 - fixed_point_range_dots (the shrink and sign kernels, whose bits run along x): x comes as 24-bit fixed point
-  (kernels/activation_quant.py). Bits j, j + 8, j + 16, j + 24 of a word, masked out as four bytes, meet the four
-  matching bytes of x in one dp4a (IDP.4A), three for x's three bytes: per 32 bits of a plane and row 8 shifts, 8
-  masks and 24 dp4a. The fp32 loop before it took one bit test and one predicated add a bit (LOP3.P + @P FADD):
-  303 against 217 instructions a plane at the shrink's default config (bench/results/kernel_sass_dp4a_defaults.md).
+  (kernels/activation_quant.py). A k tile's planes are first folded into codes held as bytes: bits j, j + 8,
+  j + 16, j + 24 of each plane word, rotated into bit p of four bytes, make word c_j (a rotation and a LOP3 a
+  word, plane and j). Then c_j meets the four matching bytes of x in one dp4a (IDP.4A), three for x's three
+  bytes, once a tile whatever the bit-width, and the centre comes off through x's byte sums, which
+  quantize_rows writes. Before this (stop 24), every plane met x on its own: 8 shifts, 8 masks and 24 dp4a
+  per 32 bits of a plane and row; before that, an fp32 loop took one bit test and one predicated add a bit.
 - add_at_set_bits (the expand kernel, whose bits run along the outputs, each adding one z value): one bit test and
   one predicated add per bit and row.
 """
 import triton
 import triton.language as tl
 
-from .activation_quant import WORDS_PER_BLOCK
+from .activation_quant import SUMS_PER_BLOCK, WORDS_PER_BLOCK
+
 
 @triton.jit
 def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq_rows, xs_rows, x_ok, k_begin, k_end,
                            scale_ptrs, group_size, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
     """sum over k in [k_begin, k_end) of (2 * code_k - (2^nbits - 1)) * x_i[k] * scale[k // group_size], fp32
     [X, R], for the R rows of bit planes at rows_ptrs [R] (int32 pointers to each row's word 0 of plane 0; plane p
-    at + p * plane_stride; n_words words a row; masked rows give 0) and the X activation rows (rows where x_ok is
-    False read as 0), quantized by activation_quant.quantize_rows: xq_rows [X] point at each row's int32 words,
-    xs_rows [X] at its fp32 scales, one per group_size elements, which is also the group of V's scales at
-    scale_ptrs [R] (or None: no scales, the sign kernel's). k_begin and BLOCK_K are multiples of 32 and a tile
-    lies in one scale group (BLOCK_K divides group_size). Each byte of x keeps its own integer sums (|sum| < 2^22
-    over a word's 32 elements, exact in int32); a tile ends with three conversions and one multiply by the scales.
-    ASM: dp4a as inline PTX (GPU), else as integer ops (TRITON_INTERPRET=1 cannot run PTX)."""
+    at + p * plane_stride; n_words words a row, one per 32 elements of x; masked rows give 0) and the X activation
+    rows (rows where x_ok is False read as 0), quantized by activation_quant.quantize_rows: xq_rows [X] point at
+    each row's int32 words, xs_rows [X] at its fp32 scales, one per group_size elements, which is also the group of
+    V's scales at scale_ptrs [R] (or None: no scales, the sign kernel's). k_begin and BLOCK_K are multiples of 32
+    and a tile lies in one scale group (BLOCK_K divides group_size). Each byte of x keeps its own integer sums
+    (|sum| < 2^22 over a word's 32 elements, exact in int32); a tile ends with three conversions and one multiply
+    by the scales. ASM: dp4a as inline PTX (GPU), else as integer ops (TRITON_INTERPRET=1 cannot run PTX)."""
     acc = tl.zeros((xq_rows.shape[0], rows_ptrs.shape[0], BLOCK_K // 32), dtype=tl.float32)
     lanes = tl.arange(0, BLOCK_K // 32)
-    every_bit = tl.full((1, 1), -1, tl.int32)  # a plane word of all ones: _byte_dots then sums x's bytes
+    x_sums = xq_rows + WORDS_PER_BLOCK * n_words  # [X]: each row's byte sums, after its blocks
     # Each plane's words are loaded one (tile, plane) step ahead, while the step before runs: a loop-carried load
-    # stays in flight across the dp4a loop, as in the expand decode kernel, instead of a wait on memory at every
+    # stays in flight across the plane's work, as in the expand decode kernel, instead of a wait on memory at every
     # plane (the fp32 loop before this one got 1.06-1.37x faster so, bench/results/kernel_ab_bitserial_prefetch.md).
     w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k_begin, k_end, 0, lanes)
     for k0 in range(k_begin, k_end, BLOCK_K):
@@ -45,56 +48,84 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
         scale = tl.load(xs_rows + k0 // group_size, mask=x_ok, other=0.0)[:, None]  # [X, 1]: x's group scale
         if scale_ptrs is not None:  # times V's: [X, R]
             scale = scale * tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-        # The loads of x below are loop-invariant: ptxas keeps a tile's 24 words a row in registers.
-        sum2, sum1, sum0 = _byte_dots(every_bit, x_ptrs, x_mask, ASM)  # [X, NW] sums of x's bytes
-        codes2 = tl.zeros(acc.shape, dtype=tl.int32)  # sum_k code_k * byte_k, per word and byte of x
-        codes1 = tl.zeros(acc.shape, dtype=tl.int32)
-        codes0 = tl.zeros(acc.shape, dtype=tl.int32)
+        sum_ptrs = x_sums[:, None] + words[None, :] * SUMS_PER_BLOCK
+        sum2 = tl.load(sum_ptrs, mask=x_mask, other=0)[:, None, :]  # [X, 1, NW]: sums of x's top bytes,
+        sum1 = tl.load(sum_ptrs + 1, mask=x_mask, other=0)[:, None, :]  # middle and low bytes
+        sum0 = tl.load(sum_ptrs + 2, mask=x_mask, other=0)[:, None, :]
+        # The tile's codes, plane by plane, as bytes: byte i of c_j holds the code of element 8 i + j of the word's
+        # 32, the elements whose bytes x's word j of each byte holds. Building them costs 17 instructions a plane
+        # word (a rotation, then a rotation and a LOP3 for each c_j), and the dp4a come once a tile for all planes:
+        # the loop before this one multiplied every plane by x (8 shifts, 8 masks and 24 dp4a a plane word and row).
+        c0 = tl.zeros_like(w_next)
+        c1, c2, c3, c4, c5, c6, c7 = c0, c0, c0, c0, c0, c0, c0
         for p in range(0, nbits):
             w = w_next
             last = p + 1 >= nbits
             w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, tl.where(last, k0 + BLOCK_K, k0),
                                   k_end, tl.where(last, 0, p + 1), lanes)
-            plane2, plane1, plane0 = _byte_dots(w, x_ptrs[:, None, :], x_mask[:, None, :], ASM)
-            codes2 += plane2 << p
-            codes1 += plane1 << p
-            codes0 += plane0 << p
+            at_p = tl.cast(0x01010101, tl.int32) << p  # bit p of each byte (int32 in the interpreter too)
+            w = _rotate_right(w, -p)  # bit j of each byte to bit j + p: then a constant rotation for each c_j
+            c0 = c0 | (w & at_p)
+            c1 = c1 | (_rotate_right(w, 1) & at_p)
+            c2 = c2 | (_rotate_right(w, 2) & at_p)
+            c3 = c3 | (_rotate_right(w, 3) & at_p)
+            c4 = c4 | (_rotate_right(w, 4) & at_p)
+            c5 = c5 | (_rotate_right(w, 5) & at_p)
+            c6 = c6 | (_rotate_right(w, 6) & at_p)
+            c7 = c7 | (_rotate_right(w, 7) & at_p)
+        codes2, codes1, codes0 = _code_dots(c0, c1, c2, c3, c4, c5, c6, c7, x_ptrs[:, None, :], x_mask[:, None, :],
+                                            ASM)  # [X, R, NW] sum_k code_k * byte_k, per word and byte of x
         odd = (1 << nbits) - 1
-        centred = ((2 * codes2 - odd * sum2[:, None, :]).to(tl.float32) * 65536.0
-                   + (2 * codes1 - odd * sum1[:, None, :]).to(tl.float32) * 256.0
-                   + (2 * codes0 - odd * sum0[:, None, :]).to(tl.float32))
+        centred = ((2 * codes2 - odd * sum2).to(tl.float32) * 65536.0
+                   + (2 * codes1 - odd * sum1).to(tl.float32) * 256.0
+                   + (2 * codes0 - odd * sum0).to(tl.float32))
         acc += centred * scale[:, :, None]
     return tl.sum(acc, axis=2)
 
 
 @triton.jit
-def _byte_dots(w, x_ptrs, x_mask, ASM: tl.constexpr):
-    """For each of x's three bytes (top signed, then middle, low): sum over j of dp4a(bits j, j + 8, j + 16, j + 24
-    of w as bytes, x's word j of that byte), int32 shaped like w broadcast with x_ptrs."""
+def _rotate_right(w, shift):
+    """The int32 w rotated right by shift mod 32: one funnel shift (SHF.W), with the shift an immediate when it is a
+    constant."""
+    u = w.to(tl.uint32, bitcast=True)
+    s = tl.cast(shift & 31, tl.uint32)
+    return ((u >> s) | (u << ((32 - s) & 31))).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _code_dots(c0, c1, c2, c3, c4, c5, c6, c7, x_ptrs, x_mask, ASM: tl.constexpr):
+    """For each of x's three bytes (top signed, then middle, low): sum over j of dp4a(c_j, x's word j of that
+    byte), int32 shaped like the codes broadcast with x_ptrs."""
+    top = tl.zeros_like(tl.broadcast(c0, x_mask)[0])
+    top, mid, low = _code_word_dots(c0, x_ptrs, x_mask, top, top, top, ASM)
+    top, mid, low = _code_word_dots(c1, x_ptrs + 1, x_mask, top, mid, low, ASM)
+    top, mid, low = _code_word_dots(c2, x_ptrs + 2, x_mask, top, mid, low, ASM)
+    top, mid, low = _code_word_dots(c3, x_ptrs + 3, x_mask, top, mid, low, ASM)
+    top, mid, low = _code_word_dots(c4, x_ptrs + 4, x_mask, top, mid, low, ASM)
+    top, mid, low = _code_word_dots(c5, x_ptrs + 5, x_mask, top, mid, low, ASM)
+    top, mid, low = _code_word_dots(c6, x_ptrs + 6, x_mask, top, mid, low, ASM)
+    return _code_word_dots(c7, x_ptrs + 7, x_mask, top, mid, low, ASM)
+
+
+@triton.jit
+def _code_word_dots(c, x_ptrs, x_mask, top, mid, low, ASM: tl.constexpr):
+    """top, mid, low plus the dot products of c's four unsigned code bytes with the four bytes of x's words at
+    x_ptrs (top, signed), x_ptrs + 8 (middle) and x_ptrs + 16 (low)."""
     if ASM:
-        top = tl.zeros_like(tl.broadcast(w, x_mask)[0])  # int32, shaped like w and x together
-        mid = tl.zeros_like(top)
-        low = tl.zeros_like(top)
-        for j in tl.static_range(8):
-            bits = (w >> j) & 0x01010101
-            top = _dp4a(bits, tl.load(x_ptrs + j, mask=x_mask, other=0), top, "s32")
-            mid = _dp4a(bits, tl.load(x_ptrs + 8 + j, mask=x_mask, other=0), mid, "u32")
-            low = _dp4a(bits, tl.load(x_ptrs + 16 + j, mask=x_mask, other=0), low, "u32")
+        top = _dp4a(c, tl.load(x_ptrs, mask=x_mask, other=0), top, "s32")
+        mid = _dp4a(c, tl.load(x_ptrs + 8, mask=x_mask, other=0), mid, "u32")
+        low = _dp4a(c, tl.load(x_ptrs + 16, mask=x_mask, other=0), low, "u32")
         return top, mid, low
-    # The interpreter runs every op, and every call of a jit function, in Python: the same sums with j and the four
-    # bytes along two new axes, a few dozen numpy calls a plane instead of hundreds.
-    j = tl.arange(0, 8)
+    # The interpreter cannot run PTX: the same sums with the four bytes along a new axis
     at = tl.arange(0, 4) * 8
-    bits = tl.expand_dims((tl.expand_dims(w, -1) >> j) & 0x01010101, -1)  # [..., 8, 1]
-    bit_bytes = (bits >> at) & 0xFF  # [..., 8, 4]
-    x_words = tl.expand_dims(x_ptrs, -1) + j
-    x_ok = tl.expand_dims(x_mask, -1)
-    top = tl.expand_dims(tl.load(x_words, mask=x_ok, other=0), -1)
-    mid = tl.expand_dims(tl.load(x_words + 8, mask=x_ok, other=0), -1)
-    low = tl.expand_dims(tl.load(x_words + 16, mask=x_ok, other=0), -1)
-    return (tl.sum(tl.sum(bit_bytes * ((top << (24 - at)) >> 24), axis=-1), axis=-1),  # sign-extended
-            tl.sum(tl.sum(bit_bytes * ((mid >> at) & 0xFF), axis=-1), axis=-1),
-            tl.sum(tl.sum(bit_bytes * ((low >> at) & 0xFF), axis=-1), axis=-1))
+    code_bytes = (tl.expand_dims(c, -1) >> at) & 0xFF  # [..., 4]
+    ok = tl.expand_dims(x_mask, -1)
+    x_top = tl.load(tl.expand_dims(x_ptrs, -1), mask=ok, other=0)
+    x_mid = tl.load(tl.expand_dims(x_ptrs + 8, -1), mask=ok, other=0)
+    x_low = tl.load(tl.expand_dims(x_ptrs + 16, -1), mask=ok, other=0)
+    return (top + tl.sum(code_bytes * ((x_top << (24 - at)) >> 24), axis=-1),  # sign-extended
+            mid + tl.sum(code_bytes * ((x_mid >> at) & 0xFF), axis=-1),
+            low + tl.sum(code_bytes * ((x_low >> at) & 0xFF), axis=-1))
 
 
 @triton.jit

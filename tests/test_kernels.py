@@ -173,27 +173,33 @@ def test_lowrank_kernel_every_bit_width(bits: int, dtype: torch.dtype, strategy:
     _assert_close(got, want, y0, rows, seed, lowrank=True)
 
 
-def _unpacked_fixed_point(words: torch.Tensor, d: int) -> torch.Tensor:
-    """int64 [B, d]: the q of quantize_rows' words, read back through the layout its module docstring gives."""
-    blocks = words.view(torch.int8).view(words.shape[0], -1, 96).long()
-    k = torch.arange(d)
+def _unpacked_fixed_point(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bytes of quantize_rows' words, read back through the layout its module docstring gives: int64 [3, B, d]
+    (top signed, middle, low), d a multiple of 32, and the byte sums after them, int64 [3, B, d / 32]."""
+    n_blocks = words.shape[1] // 27
+    blocks = words[:, :24 * n_blocks].contiguous().view(torch.int8).view(words.shape[0], -1, 96).long()
+    k = torch.arange(32 * n_blocks)
     byte = [blocks[:, k // 32, 32 * i + (k % 8) * 4 + (k % 32) // 8] for i in range(3)]
-    return byte[0] * 65536 + (byte[1] & 0xFF) * 256 + (byte[2] & 0xFF)
+    sums = words[:, 24 * n_blocks:].long().view(words.shape[0], n_blocks, 3).permute(2, 0, 1)
+    return torch.stack([byte[0], byte[1] & 0xFF, byte[2] & 0xFF]), sums
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, *DTYPES), ids=str)
 def test_activation_fixed_point_matches_reference(dtype: torch.dtype, gen) -> None:
     """quantize_rows (Triton) writes the reference's 24-bit q in its byte layout with the same scales, zeros past
-    d, a zero group as 0, and zeroes z; q * scale is x to within half a step (plus fp32 rounding)."""
+    d, a zero group as 0, and zeroes z; each block's byte sums follow; q * scale is x to within half a step (plus
+    fp32 rounding)."""
     g, seed = gen
     x = (torch.randn(5, D_IN, generator=g) * torch.rand(5, 1, generator=g) * 30).to(dtype)
     x[1, G:2 * G] = 0
     got, z = quantize_rows(x, G, z_width=9)
     q, scales = quantize_rows_reference(x, G)
     assert torch.equal(got.scales, scales), f"seed {seed}"
-    full = _unpacked_fixed_point(got.words, 32 * got.words.shape[1] // 24)
+    byte, sums = _unpacked_fixed_point(got.words)
+    full = byte[0] * 65536 + byte[1] * 256 + byte[2]
     assert torch.equal(full[:, :D_IN], q.long()), f"seed {seed}"
     assert not full[:, D_IN:].any() and not q[1, G:2 * G].any() and scales[1, 1] == 0, f"seed {seed}"
+    assert torch.equal(sums, byte.view(3, 5, -1, 32).sum(dim=3)), f"seed {seed}"
     assert z.shape == (5, 9) and not z.any()
     step = scales.repeat_interleave(G, dim=1)[:, :D_IN]
     err = (q.double() * step.double() - x.double()).abs()
