@@ -96,36 +96,40 @@ def _rotate_right(w, shift):
 def _code_dots(c0, c1, c2, c3, c4, c5, c6, c7, x_ptrs, x_mask, ASM: tl.constexpr):
     """For each of x's three bytes (top signed, then middle, low): sum over j of dp4a(c_j, x's word j of that
     byte), int32 shaped like the codes broadcast with x_ptrs."""
-    top = tl.zeros_like(tl.broadcast(c0, x_mask)[0])
-    top, mid, low = _code_word_dots(c0, x_ptrs, x_mask, top, top, top, ASM)
-    top, mid, low = _code_word_dots(c1, x_ptrs + 1, x_mask, top, mid, low, ASM)
-    top, mid, low = _code_word_dots(c2, x_ptrs + 2, x_mask, top, mid, low, ASM)
-    top, mid, low = _code_word_dots(c3, x_ptrs + 3, x_mask, top, mid, low, ASM)
-    top, mid, low = _code_word_dots(c4, x_ptrs + 4, x_mask, top, mid, low, ASM)
-    top, mid, low = _code_word_dots(c5, x_ptrs + 5, x_mask, top, mid, low, ASM)
-    top, mid, low = _code_word_dots(c6, x_ptrs + 6, x_mask, top, mid, low, ASM)
-    return _code_word_dots(c7, x_ptrs + 7, x_mask, top, mid, low, ASM)
+    if ASM:
+        top = tl.zeros_like(tl.broadcast(c0, x_mask)[0])
+        top, mid, low = _code_word_dots(c0, x_ptrs, x_mask, top, top, top)
+        top, mid, low = _code_word_dots(c1, x_ptrs + 1, x_mask, top, mid, low)
+        top, mid, low = _code_word_dots(c2, x_ptrs + 2, x_mask, top, mid, low)
+        top, mid, low = _code_word_dots(c3, x_ptrs + 3, x_mask, top, mid, low)
+        top, mid, low = _code_word_dots(c4, x_ptrs + 4, x_mask, top, mid, low)
+        top, mid, low = _code_word_dots(c5, x_ptrs + 5, x_mask, top, mid, low)
+        top, mid, low = _code_word_dots(c6, x_ptrs + 6, x_mask, top, mid, low)
+        return _code_word_dots(c7, x_ptrs + 7, x_mask, top, mid, low)
+    # The interpreter cannot run PTX, and runs every op in Python: the same sums with j and the four bytes along
+    # two new axes, a few dozen numpy calls a tile. Joined so, the last axis runs over j = 4 a + 2 b + c.
+    codes = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    codes = tl.reshape(codes, (c0.shape[0], c0.shape[1], c0.shape[2], 8))  # the codes are [1, R, NW]
+    at = tl.arange(0, 4) * 8
+    code_bytes = (tl.expand_dims(codes, -1) >> at) & 0xFF  # [..., 8, 4]
+    x_words = tl.expand_dims(x_ptrs, -1) + tl.arange(0, 8)
+    ok = tl.expand_dims(x_mask, -1)
+    top = tl.expand_dims(tl.load(x_words, mask=ok, other=0), -1)
+    mid = tl.expand_dims(tl.load(x_words + 8, mask=ok, other=0), -1)
+    low = tl.expand_dims(tl.load(x_words + 16, mask=ok, other=0), -1)
+    return (tl.sum(tl.sum(code_bytes * ((top << (24 - at)) >> 24), axis=-1), axis=-1),  # sign-extended
+            tl.sum(tl.sum(code_bytes * ((mid >> at) & 0xFF), axis=-1), axis=-1),
+            tl.sum(tl.sum(code_bytes * ((low >> at) & 0xFF), axis=-1), axis=-1))
 
 
 @triton.jit
-def _code_word_dots(c, x_ptrs, x_mask, top, mid, low, ASM: tl.constexpr):
-    """top, mid, low plus the dot products of c's four unsigned code bytes with the four bytes of x's words at
-    x_ptrs (top, signed), x_ptrs + 8 (middle) and x_ptrs + 16 (low)."""
-    if ASM:
-        top = _dp4a(c, tl.load(x_ptrs, mask=x_mask, other=0), top, "s32")
-        mid = _dp4a(c, tl.load(x_ptrs + 8, mask=x_mask, other=0), mid, "u32")
-        low = _dp4a(c, tl.load(x_ptrs + 16, mask=x_mask, other=0), low, "u32")
-        return top, mid, low
-    # The interpreter cannot run PTX: the same sums with the four bytes along a new axis
-    at = tl.arange(0, 4) * 8
-    code_bytes = (tl.expand_dims(c, -1) >> at) & 0xFF  # [..., 4]
-    ok = tl.expand_dims(x_mask, -1)
-    x_top = tl.load(tl.expand_dims(x_ptrs, -1), mask=ok, other=0)
-    x_mid = tl.load(tl.expand_dims(x_ptrs + 8, -1), mask=ok, other=0)
-    x_low = tl.load(tl.expand_dims(x_ptrs + 16, -1), mask=ok, other=0)
-    return (top + tl.sum(code_bytes * ((x_top << (24 - at)) >> 24), axis=-1),  # sign-extended
-            mid + tl.sum(code_bytes * ((x_mid >> at) & 0xFF), axis=-1),
-            low + tl.sum(code_bytes * ((x_low >> at) & 0xFF), axis=-1))
+def _code_word_dots(c, x_ptrs, x_mask, top, mid, low):
+    """top, mid, low plus dp4a of c's four unsigned code bytes with the four bytes of x's words at x_ptrs (top,
+    signed), x_ptrs + 8 (middle) and x_ptrs + 16 (low)."""
+    top = _dp4a(c, tl.load(x_ptrs, mask=x_mask, other=0), top, "s32")
+    mid = _dp4a(c, tl.load(x_ptrs + 8, mask=x_mask, other=0), mid, "u32")
+    low = _dp4a(c, tl.load(x_ptrs + 16, mask=x_mask, other=0), low, "u32")
+    return top, mid, low
 
 
 @triton.jit
