@@ -41,13 +41,18 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
     # stays in flight across the plane's work, as in the expand decode kernel, instead of a wait on memory at every
     # plane (the fp32 loop before this one got 1.06-1.37x faster so, bench/results/kernel_ab_bitserial_prefetch.md).
     w_next = _plane_words(rows_ptrs, row_mask, plane_stride, n_words, k_begin, k_end, 0, lanes)
+    # The tile's scale group, counted along: k0 // group_size with group_size unknown at compile time was an integer
+    # division of ~30 instructions a tile (SASS)
+    tiles_a_group = group_size // BLOCK_K
+    group = k_begin // group_size
+    tiles_left = tiles_a_group - (k_begin % group_size) // BLOCK_K
     for k0 in range(k_begin, k_end, BLOCK_K):
         words = k0 // 32 + lanes
         x_mask = x_ok[:, None] & (words < n_words)[None, :]  # [X, NW]
         x_ptrs = xq_rows[:, None] + words[None, :] * WORDS_PER_BLOCK  # word 0 of each 32's block (activation_quant)
-        scale = tl.load(xs_rows + k0 // group_size, mask=x_ok, other=0.0)[:, None]  # [X, 1]: x's group scale
+        scale = tl.load(xs_rows + group, mask=x_ok, other=0.0)[:, None]  # [X, 1]: x's group scale
         if scale_ptrs is not None:  # times V's: [X, R]
-            scale = scale * tl.load(scale_ptrs + k0 // group_size, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            scale = scale * tl.load(scale_ptrs + group, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         sum_ptrs = x_sums[:, None] + words[None, :] * SUMS_PER_BLOCK
         sum2 = tl.load(sum_ptrs, mask=x_mask, other=0)[:, None, :]  # [X, 1, NW]: sums of x's top bytes,
         sum1 = tl.load(sum_ptrs + 1, mask=x_mask, other=0)[:, None, :]  # middle and low bytes
@@ -80,6 +85,9 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
                    + (2 * codes1 - odd * sum1).to(tl.float32) * 256.0
                    + (2 * codes0 - odd * sum0).to(tl.float32))
         acc += centred * scale[:, :, None]
+        tiles_left -= 1
+        group = tl.where(tiles_left == 0, group + 1, group)
+        tiles_left = tl.where(tiles_left == 0, tiles_a_group, tiles_left)
     return tl.sum(acc, axis=2)
 
 
