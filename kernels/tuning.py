@@ -391,8 +391,10 @@ def decode_config(kernel: str, work: int, group_size: int | None, rows: int = 1)
 
 
 def decode_table_key(kernel: str, group_size: int | None, work: int, rows: int) -> str:
-    """Key of a decode kernel's entry in the table's decode_configs, e.g. "shrink g=128 w=16 r=1"."""
-    return f"{kernel} g={group_size or 0} w={work} r={rows}"
+    """Key of a decode kernel's entry in the table's decode_configs, e.g. "shrink g=128 w=16 r=1". The sign kernel
+    has no scale groups: its keys say g=0 whatever group size the caller names (bench/tune_decode.py wrote g=128,
+    which the kernel, asking with none, never found: stops 21-24 ran it on the built-in defaults)."""
+    return f"{kernel} g={(group_size if GROUP_AXIS[kernel] else 0) or 0} w={work} r={rows}"
 
 
 # The meta-parameters a decode table entry may set, by kernel (the decode kernels' constexprs and launch options).
@@ -415,9 +417,12 @@ def _read_decode_table(path: Path | None) -> dict[str, dict[str, int]]:
     try:
         entries = json.loads(path.read_text()).get("decode_configs", {})
         for key, params in entries.items():
-            allowed = DECODE_PARAMS.get(key.split(" ")[0], ())
+            kernel = key.split(" ")[0]
+            allowed = DECODE_PARAMS.get(kernel, ())
             if not params.keys() <= set(allowed) or not all(type(v) is int and v >= 0 for v in params.values()):
                 raise ValueError(f"decode entry {key!r} = {params}: expected non-negative ints of {allowed}")
+            if kernel in GROUP_AXIS and not GROUP_AXIS[kernel] and " g=0 " not in key:
+                raise ValueError(f"decode entry {key!r}: {kernel} has no scale groups, its keys say g=0")
         return entries
     except (OSError, AttributeError, ValueError) as e:
         raise ValueError(f"kernel config table {path}: {e} (bench/tune_decode.py writes its decode_configs)") from e

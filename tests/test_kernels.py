@@ -686,7 +686,9 @@ def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
     lowrank = _projections(g)
     path = tmp_path / "gpu.json"
     entry = {"SPLIT_K": 4, "BLOCK_R": 32}
-    write_decode_table(path, {decode_table_key("shrink", G, 4, 1): entry}, {"device": "test"})
+    sign_entry = {"SPLIT_K": 3, "BLOCK_N": 32}  # keyed by the tuner's group size: sign has none, so g=0
+    entries = {decode_table_key("shrink", G, 4, 1): entry, decode_table_key("sign", G, 4, 1): sign_entry}
+    write_decode_table(path, entries, {"device": "test"})
     tuning._launch_config.cache_clear()
     untuned = launch_config("shrink", (D_IN, 20), G, 4, 16)  # no table
     monkeypatch.setenv("DELTASERVE_KERNEL_CONFIGS", str(path))
@@ -701,6 +703,7 @@ def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
         built_in = tuning._default_decode_config("shrink", 4, G)
         assert decode_config("shrink", 4, G) == {**built_in, **entry}
         assert decode_config("shrink", 8, G) == tuning._default_decode_config("shrink", 8, G)  # no entry
+        assert decode_config("sign", 4, None) == {**tuning._default_decode_config("sign", 4, None), **sign_entry}
         assert launch_config("shrink", (D_IN, 20), G, 4, 16) == tuned  # the other script's section kept
         with forced_decode_config("shrink", SPLIT_K=2):
             assert decode_config("shrink", 4, G)["SPLIT_K"] == 2
@@ -714,6 +717,11 @@ def test_decode_table_entries_reach_the_kernels(monkeypatch, tmp_path, gen):
         tuning._decode_table_entry.cache_clear()
         with pytest.raises(ValueError, match="bad.json.*expand g=128 w=1 r=1"):
             decode_config("expand", 1, 128)
+        (tmp_path / "bad.json").write_text('{"decode_configs": {"sign g=128 w=1 r=1": {"BLOCK_N": 32}}}')
+        tuning._read_decode_table.cache_clear()
+        tuning._decode_table_entry.cache_clear()
+        with pytest.raises(ValueError, match="sign g=128 w=1 r=1.*g=0"):  # an entry no launch would find
+            decode_config("sign", 1, None)
     finally:
         for cached in (tuning._read_table, tuning._read_decode_table, tuning._decode_table_entry,
                        tuning._launch_config):
