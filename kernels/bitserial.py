@@ -58,9 +58,10 @@ def fixed_point_range_dots(rows_ptrs, row_mask, plane_stride, nbits, n_words, xq
         sum1 = tl.load(sum_ptrs + 1, mask=x_mask, other=0)[:, None, :]  # middle and low bytes
         sum0 = tl.load(sum_ptrs + 2, mask=x_mask, other=0)[:, None, :]
         # The tile's codes, plane by plane, as bytes: byte i of c_j holds the code of element 8 i + j of the word's
-        # 32, the elements whose bytes x's word j of each byte holds. Building them costs 17 instructions a plane
-        # word (a rotation, then a rotation and a LOP3 for each c_j), and the dp4a come once a tile for all planes:
-        # the loop before this one multiplied every plane by x (8 shifts, 8 masks and 24 dp4a a plane word and row).
+        # 32, the elements whose bytes x's word j of each byte holds. Building them costs 16 instructions a plane
+        # word (a rotation, then a rotation and a LOP3 for each c_j but c0's LOP3 alone), and the dp4a come once a
+        # tile for all planes: the loop before this one multiplied every plane by x (8 shifts, 8 masks and 24 dp4a a
+        # plane word and row).
         c0 = tl.zeros_like(w_next)
         c1, c2, c3, c4, c5, c6, c7 = c0, c0, c0, c0, c0, c0, c0
         for p in range(0, nbits):
@@ -115,7 +116,8 @@ def _code_dots(c0, c1, c2, c3, c4, c5, c6, c7, x_ptrs, x_mask, ASM: tl.constexpr
         top, mid, low = _code_word_dots(c6, x_ptrs + 6, x_mask, top, mid, low)
         return _code_word_dots(c7, x_ptrs + 7, x_mask, top, mid, low)
     # The interpreter cannot run PTX, and runs every op in Python: the same sums with j and the four bytes along
-    # two new axes, a few dozen numpy calls a tile. Joined so, the last axis runs over j = 4 a + 2 b + c.
+    # two new axes, a few dozen numpy calls a tile. The nested joins give [..., a, b, c] = c_(4a + 2b + c), so the
+    # reshaped last axis is j.
     codes = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     codes = tl.reshape(codes, (c0.shape[0], c0.shape[1], c0.shape[2], 8))  # the codes are [1, R, NW]
     at = tl.arange(0, 4) * 8
