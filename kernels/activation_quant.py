@@ -18,8 +18,9 @@ word, which (word >> j) & 0x01010101 lays out as bytes for dp4a. After the block
 sums over its 32 elements of the top (signed), middle and low (unsigned) bytes, which take the codes' centre off
 (kernels/bitserial.py) without a dp4a of their own.
 
-The launch also zeroes z (the kernel's fp32 output, whose partial sums arrive atomically): one launch for both, as
-every launch is a node of each captured decode graph.
+The launch also zeroes the caller's fp32 outputs, whose partial sums arrive atomically (the low-rank delta's z and
+its expand workspace, the sign kernel's workspace): one launch for all, as every launch is a node of each captured
+decode graph.
 """
 from __future__ import annotations
 
@@ -44,13 +45,13 @@ class QuantizedRows:
     scales: torch.Tensor
 
 
-# z's width (a plan's sum of rank caps) is no specialization key: engine/kernel_warmup.py compiles this kernel with
-# small synthetic ranks, and a request must not compile it again.
-@triton.jit(do_not_specialize=["z_width", "stride_zm"])
-def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_size, stride_xm, stride_qm,
-                          stride_sm, stride_zm, BLOCK_G: tl.constexpr, BLOCK_Z: tl.constexpr):
+# The zeroed width (a plan's sum of rank caps, and more) is no specialization key: engine/kernel_warmup.py compiles
+# this kernel with small synthetic ranks, and a request must not compile it again.
+@triton.jit(do_not_specialize=["zero_width", "stride_zero"])
+def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, zero_ptr, d, zero_width, group_size, stride_xm, stride_qm,
+                          stride_sm, stride_zero, BLOCK_G: tl.constexpr, BLOCK_Z: tl.constexpr):
     """Program (row, group): quantizes one group of one row into bytes at q_ptr (int8, stride_qm bytes a row); the
-    row's group-0 program also zeroes its z row."""
+    row's group-0 program also zeroes that row of the caller's outputs at zero_ptr."""
     row, grp = tl.program_id(0).to(tl.int64), tl.program_id(1)
     k = grp * group_size + tl.arange(0, BLOCK_G)
     in_group = tl.arange(0, BLOCK_G) < group_size
@@ -78,24 +79,30 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scales_ptr, z_ptr, d, z_width, group_siz
         tl.store(sums + i, tl.sum(tl.reshape(byte, (BLOCK_G // 32, 32)), axis=1), mask=sums_ok)
     tl.store(scales_ptr + row * stride_sm + grp, scale)
     if grp == 0:
-        for c in range(0, z_width, BLOCK_Z):
+        for c in range(0, zero_width, BLOCK_Z):
             cols = c + tl.arange(0, BLOCK_Z)
-            tl.store(z_ptr + row * stride_zm + cols, tl.zeros((BLOCK_Z,), dtype=tl.float32), mask=cols < z_width)
+            tl.store(zero_ptr + row * stride_zero + cols, tl.zeros((BLOCK_Z,), dtype=tl.float32),
+                     mask=cols < zero_width)
 
 
-def quantize_rows(x: torch.Tensor, group_size: int, z_width: int = 0) -> tuple[QuantizedRows, torch.Tensor]:
-    """x [B, d] fp16/bf16/fp32 -> (its QuantizedRows, z: zeros fp32 [B, z_width]), in one Triton launch."""
+def quantize_rows(x: torch.Tensor, group_size: int, zero: torch.Tensor | None = None) -> QuantizedRows:
+    """x [B, d] fp16/bf16/fp32 -> its QuantizedRows, in one Triton launch, which also zeroes `zero` (fp32 [B, w],
+    rows with any stride, columns contiguous: the caller's outputs whose partial sums arrive atomically)."""
     b, d = x.shape
     words = torch.empty(b, (WORDS_PER_BLOCK.value + SUMS_PER_BLOCK.value) * num_words(d), dtype=torch.int32,
                         device=x.device)
     scales = torch.empty(b, num_groups(d, group_size), dtype=torch.float32, device=x.device)
-    z = torch.empty(b, z_width, dtype=torch.float32, device=x.device)
+    if zero is None:
+        zero = torch.empty(b, 0, dtype=torch.float32, device=x.device)
+    if zero.shape[0] != b or zero.dtype != torch.float32 or (zero.shape[1] > 1 and zero.stride(1) != 1):
+        raise ValueError(f"zero: expected fp32 [{b}, w] with contiguous columns, got {zero.dtype} "
+                         f"{tuple(zero.shape)} strides {zero.stride()}")
     if b and d:
         q = words.view(torch.int8)
         _quantize_rows_kernel[(b, scales.shape[1])](
-            x, q, scales, z, d, z_width, group_size, x.stride(0), q.stride(0), scales.stride(0), max(z.stride(0), 1),
-            BLOCK_G=triton.next_power_of_2(group_size), BLOCK_Z=256)
-    return QuantizedRows(words, scales), z
+            x, q, scales, zero, d, zero.shape[1], group_size, x.stride(0), q.stride(0), scales.stride(0),
+            max(zero.stride(0), 1), BLOCK_G=triton.next_power_of_2(group_size), BLOCK_Z=256)
+    return QuantizedRows(words, scales)
 
 
 def quantize_rows_reference(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

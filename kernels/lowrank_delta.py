@@ -31,7 +31,11 @@ def add_lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
     meta, long_segments = meta.split_long(DENSE_MIN_ROWS)   # a tenant's long prefill chunk: lowrank_dense.py
     add_dense_segments(y, x, long_segments, plan, projections, group_size)
     if meta is not None:
-        expand_triton(y, shrink_triton(x, meta, plan, group_size), meta, plan, group_size)
+        # z and the expand's fp32 workspace share one buffer, which the shrink's first launch zeroes whole: a launch
+        # fewer per call than zeroing each (every launch is a node of each captured decode graph)
+        zeroed = torch.empty(x.shape[0], plan.z_width + y.shape[1], dtype=torch.float32, device=x.device)
+        z = shrink_triton(x, meta, plan, group_size, zeroed=zeroed)
+        expand_triton(y, z, meta, plan, group_size, ws=zeroed[:, plan.z_width:])
 
 
 def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,

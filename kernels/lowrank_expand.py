@@ -178,14 +178,15 @@ def _expand_decode_kernel(
 
 
 def expand_triton(y: torch.Tensor, z: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
-                  config: LaunchConfig | None = None) -> None:
+                  config: LaunchConfig | None = None, ws: torch.Tensor | None = None) -> None:
     """y [B, D_out_total] += expand(z fp32 [B, plan.z_width]) in place; rows of slot -1 untouched. config:
-    tuning.launch_config's unless given."""
+    tuning.launch_config's unless given. ws: a zeroed fp32 workspace shaped like y (the shrink's first launch
+    zeroes it in add_lowrank_delta_triton), else one is made here."""
     tiles = meta.launch_tiles()
     if tiles is None or plan.max_d_out == 0:
         return
     block_m, blk_seg, blk_start = tiles
-    ws = fp32_workspace(y)
+    ws = fp32_workspace(y) if ws is None else ws
     decode, dot, decode_rows = meta.tile_kinds("expand")
     work = work_bucket(blk_seg.shape[0])
     args = (ws, z, plan.tiers, plan.projections, meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens,

@@ -144,18 +144,24 @@ def _add_range_dots(z_ptr, stride_zm, rows, row_ok, planes, offs_r, r_mask, plan
 
 
 def shrink_triton(x: torch.Tensor, meta: SlotMetadata, plan: LowRankPlan, group_size: int,
-                  config: LaunchConfig | None = None) -> torch.Tensor:
+                  config: LaunchConfig | None = None, zeroed: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, d_in] fp16/bf16/fp32 -> z fp32 [B, plan.z_width]. Only (row, column) pairs of a row's slot within
     that slot's rank are written (the rest stays 0; expand never reads it). config: tuning.launch_config's
-    unless given (bench/tune_kernels.py times candidates through it)."""
+    unless given (bench/tune_kernels.py times candidates through it). zeroed: fp32 [B, z_width + w] to hold z in
+    its first z_width columns; the call zeroes all of it in its first launch (add_lowrank_delta_triton's expand
+    workspace takes the other w)."""
+    if zeroed is None:
+        zeroed = torch.empty(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
+    z = zeroed[:, :plan.z_width]
     tiles = meta.launch_tiles()
     if tiles is None or plan.max_rank_cap == 0:
-        return torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
+        zeroed.zero_()
+        return z
     decode, dot, decode_rows = meta.tile_kinds("shrink")
     if decode:
-        xq, z = quantize_rows(x, group_size, plan.z_width)  # zeroes z in the same launch
+        xq = quantize_rows(x, group_size, zeroed)
     else:
-        z = torch.zeros(x.shape[0], plan.z_width, dtype=torch.float32, device=x.device)
+        zeroed.zero_()
     block_m, blk_seg, blk_start = tiles
     work = work_bucket(blk_seg.shape[0])
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start,

@@ -144,7 +144,8 @@ def add_sign_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,
     work = work_bucket(blk_seg.shape[0])
     if decode:  # x's scale groups are the decode kernel's k tiles; the same launch zeroes the workspace
         d = decode_config("sign", work, None, decode_rows)
-        xq, ws = quantize_rows(x, d["BLOCK_K"], z_width=y.shape[1])
+        ws = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+        xq = quantize_rows(x, d["BLOCK_K"], ws)
     else:
         ws = fp32_workspace(y)
     meta_args = (meta.sorted_rows, meta.seg_slots, meta.seg_starts, meta.seg_lens, blk_seg, blk_start, x.shape[1],

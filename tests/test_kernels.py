@@ -187,12 +187,13 @@ def _unpacked_fixed_point(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 @pytest.mark.parametrize("dtype", (torch.float32, *DTYPES), ids=str)
 def test_activation_fixed_point_matches_reference(dtype: torch.dtype, gen) -> None:
     """quantize_rows (Triton) writes the reference's 24-bit q in its byte layout with the same scales, zeros past
-    d, a zero group as 0, and zeroes z; each block's byte sums follow; q * scale is x to within half a step (plus
-    fp32 rounding)."""
+    d, a zero group as 0, and each block's byte sums after the blocks; it zeroes the outputs it is given, and only
+    those; q * scale is x to within half a step (plus fp32 rounding)."""
     g, seed = gen
     x = (torch.randn(5, D_IN, generator=g) * torch.rand(5, 1, generator=g) * 30).to(dtype)
     x[1, G:2 * G] = 0
-    got, z = quantize_rows(x, G, z_width=9)
+    outputs = torch.full((5, 12), float("nan"))
+    got = quantize_rows(x, G, outputs[:, 2:11])  # rows strided, as the shrink's view of its buffer
     q, scales = quantize_rows_reference(x, G)
     assert torch.equal(got.scales, scales), f"seed {seed}"
     byte, sums = _unpacked_fixed_point(got.words)
@@ -200,7 +201,9 @@ def test_activation_fixed_point_matches_reference(dtype: torch.dtype, gen) -> No
     assert torch.equal(full[:, :D_IN], q.long()), f"seed {seed}"
     assert not full[:, D_IN:].any() and not q[1, G:2 * G].any() and scales[1, 1] == 0, f"seed {seed}"
     assert torch.equal(sums, byte.view(3, 5, -1, 32).sum(dim=3)), f"seed {seed}"
-    assert z.shape == (5, 9) and not z.any()
+    assert not outputs[:, 2:11].any() and outputs[:, [0, 1, 11]].isnan().all()  # zeroed: that view, nothing else
+    with pytest.raises(ValueError, match="contiguous columns"):
+        quantize_rows(x, G, outputs[:, ::2])
     step = scales.repeat_interleave(G, dim=1)[:, :D_IN]
     err = (q.double() * step.double() - x.double()).abs()
     assert (err <= 0.5 * step.double() + 1e-6 * x.double().abs()).all(), f"seed {seed}: {(err / step).max()}"
