@@ -32,10 +32,14 @@ def add_lowrank_delta_triton(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadat
     add_dense_segments(y, x, long_segments, plan, projections, group_size)
     if meta is not None:
         # z and the expand's fp32 workspace share one buffer, which the shrink's first launch zeroes whole: a launch
-        # fewer per call than zeroing each (every launch is a node of each captured decode graph)
-        zeroed = torch.empty(x.shape[0], plan.z_width + y.shape[1], dtype=torch.float32, device=x.device)
+        # fewer per call than zeroing each (every launch is a node of each captured decode graph). z's columns are
+        # padded to a multiple of 16, so the workspace view starts 64-byte aligned and its row stride divides by 16
+        # as y's width does: Triton specializes kernels on both, and a variant other than the one the engine warms
+        # up at start would compile inside a request (bench/results/first_use.md).
+        z_cols = -(-plan.z_width // 16) * 16
+        zeroed = torch.empty(x.shape[0], z_cols + y.shape[1], dtype=torch.float32, device=x.device)
         z = shrink_triton(x, meta, plan, group_size, zeroed=zeroed)
-        expand_triton(y, z, meta, plan, group_size, ws=zeroed[:, plan.z_width:])
+        expand_triton(y, z, meta, plan, group_size, ws=zeroed[:, z_cols:])
 
 
 def add_lowrank_delta_reference(y: torch.Tensor, x: torch.Tensor, meta: SlotMetadata,

@@ -19,6 +19,7 @@ from deltaserve.kernels.lowrank_delta import add_lowrank_delta_reference, add_lo
 from deltaserve.kernels import lowrank_delta, lowrank_dense
 from deltaserve.kernels.lowrank_dense import dequantized_factors, dequantized_factors_reference
 from deltaserve.kernels.lowrank_plan import lowrank_plan_for
+from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_shrink import shrink_reference, shrink_triton
 from deltaserve.kernels.random_slots import random_signs, random_tier
 from deltaserve.kernels.sign_delta import add_sign_delta_reference, add_sign_delta_triton, sign_plan_for
@@ -330,6 +331,31 @@ def test_sign_reference_equals_dense(gen) -> None:
     signs = torch.tensor([[(int(p.signs[1, o, i // 32]) >> (i % 32)) & 1 for i in range(D_IN)] for o in range(40)])
     torch.testing.assert_close(y[0], y0[0] + p.scales[1] * (x[0] @ (2.0 * signs - 1).T), msg=f"seed {seed}")
     assert torch.equal(y[1], y0[1])
+
+
+def test_expand_workspace_view_specializes_as_a_fresh_one(gen, monkeypatch) -> None:
+    """add_lowrank_delta_triton's expand workspace is a view of the buffer it shares with z: 16-byte aligned, with
+    a row stride that divides by 16 as y's width does, like the fresh workspace the start-up warm-up compiles with
+    (Triton specializes on both), whatever the plan's z width; and the delta stays the reference's."""
+    g, seed = gen
+    rows = ROW_CASES["mixed_with_base"]
+    projections = _projections(g)
+    plan = lowrank_plan_for(projections)
+    assert plan.z_width % 16, "the test needs a z width off the 16 grid"
+    x, y0, meta = _batch(rows, torch.float16, g)
+    seen = []
+
+    def spy(y, z, meta, plan, group_size, config=None, ws=None):
+        seen.append(ws)
+        return expand_triton(y, z, meta, plan, group_size, config, ws)
+
+    monkeypatch.setattr(lowrank_delta, "expand_triton", spy)
+    want, got = y0.clone(), y0.clone()
+    add_lowrank_delta_reference(want, x, meta, projections, G)
+    add_lowrank_delta_triton(got, x, meta, projections, G, plan)
+    (ws,) = seen
+    assert ws.data_ptr() % 16 == 0 and ws.stride(0) % 16 == got.shape[1] % 16 and ws.shape == got.shape
+    _assert_close(got, want, y0, rows, seed, lowrank=True)
 
 
 def test_uploaded_views_start_16_byte_aligned(gen) -> None:
