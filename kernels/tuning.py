@@ -394,7 +394,8 @@ def decode_table_key(kernel: str, group_size: int | None, work: int, rows: int) 
     """Key of a decode kernel's entry in the table's decode_configs, e.g. "shrink g=128 w=16 r=1". The sign kernel
     has no scale groups: its keys say g=0 whatever group size the caller names (bench/tune_decode.py wrote g=128,
     which the kernel, asking with none, never found: stops 21-24 ran it on the built-in defaults)."""
-    return f"{kernel} g={(group_size if GROUP_AXIS[kernel] else 0) or 0} w={work} r={rows}"
+    group = group_size if GROUP_AXIS[kernel] else None
+    return f"{kernel} g={group or 0} w={work} r={rows}"
 
 
 # The meta-parameters a decode table entry may set, by kernel (the decode kernels' constexprs and launch options).
