@@ -5,7 +5,7 @@ instructions of a kernel's loops can be read on the CPU machine before any devic
 kernel at the launch configs a Llama-2-7B decode step takes (the config table named by --table, else the
 built-in defaults), this reports the registers, every loop (a backward branch) with its instruction count and the
 instructions that matter to the bit-serial loops: loads (LDG), shuffles (SHFL), barriers (BAR), predicate tests
-and predicated adds (LOP3, FADD), and predicate spills (P2R, R2P).
+and predicated adds (LOP3, FADD), predicate spills (P2R, R2P) and register spills to local memory (STL, LDL).
 
 Usage (CPU or GPU; ~15 s):
     python bench/kernel_sass.py [--table kernels/configs/NVIDIA_H100_80GB_HBM3.json] [--arch 90] [--label NAME]
@@ -37,7 +37,7 @@ from deltaserve.kernels.sign_delta import _sign_decode_kernel
 from deltaserve.kernels.tuning import decode_config
 
 GROUP = 128  # Delta-CoMe's scale group along the quantized axis
-OPCODES = ("LDG", "SHFL", "BAR", "LOP3", "FADD", "P2R", "R2P")
+OPCODES = ("LDG", "SHFL", "BAR", "LOP3", "FADD", "P2R", "R2P", "STL", "LDL")
 # The pointer and int arguments of each kernel in order (the rest are its constexprs, from the launch config).
 META = {"sorted_rows_ptr": "*i32", "seg_slots_ptr": "*i32", "seg_starts_ptr": "*i32", "seg_lens_ptr": "*i32",
         "blk_seg_ptr": "*i32", "blk_start_ptr": "*i32"}
@@ -52,8 +52,9 @@ SIGNATURES = {
                                    **META, "d_in": "i32", "stride_wm": "i32", "stride_qm": "i32", "stride_sm": "i32",
                                    "BLOCK_M": "i32"}),
 }
-# (kernel, row tiles of the launch, rows a tile): batch 64 over 64 tenants (one row a tile) and over 32 (two rows).
-CASES = (("shrink", 64, 1), ("shrink", 32, 2), ("expand", 64, 1), ("expand", 32, 2), ("sign", 64, 1), ("sign", 32, 2))
+# (kernel, row tiles of the launch, rows a tile): batch 64 over 64 tenants (one row a tile), over 32 (two rows) and
+# over 16 (four rows).
+CASES = tuple((kernel, 64 // rows, rows) for kernel in ("shrink", "expand", "sign") for rows in (1, 2, 4))
 OPTIONS = ("num_warps", "maxnreg")  # decode_config's entries that are compile options, not constexprs
 
 

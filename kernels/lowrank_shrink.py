@@ -93,8 +93,10 @@ def _shrink_decode_kernel(
     rows read them from L1/L2). With the fp32 loop before this one, two rows' worth of x in one pass took 148
     registers instead of 80, which halved the programs an SM holds and made the shrink ~18% slower than two passes
     (bench/results/decode_rows_sweep_shared_shrink.md, at 128 ranks a program on 4 warps). SHARE_ROWS makes the
-    tile's rows share each pass and plane word, as the expand and sign decode kernels do; off in the built-in
-    defaults, taken by bench/tune_decode.py's H100 table at 2-32 row tiles (bench/results/decode_tuning.md)."""
+    tile's rows share each pass and plane word, as the expand and sign decode kernels do: since the k tile's codes
+    are built before dp4a (bitserial.py), sharing them is what pays, so the built-in defaults take it for tiles of
+    two rows and up (bench/results/kernel_ab_rows4.md), as bench/tune_decode.py's H100 table does at 2-32 row tiles
+    (bench/results/decode_tuning.md)."""
     pid_m, tier, pid_r = tl.program_id(0) // SPLIT_K, tl.program_id(1), tl.program_id(2)
     seg = tl.load(blk_seg_ptr + pid_m)
     if seg < 0:

@@ -288,16 +288,19 @@ class DecodeRowsPolicy:
 #   config of Nov 24 two rows lost at four tiles (312 vs 249 us) and the threshold was 8 tiles
 #   (decode_rows_sweep_nov24.md).
 # - sign: a tile's rows share each bit test; two rows 1.02-1.46x from one tile up, four rows 0.64-0.90x.
-DECODE_ROWS_POLICY = {"shrink": DecodeRowsPolicy(2, 1), "expand": DecodeRowsPolicy(4, 1),
-                      "sign": DecodeRowsPolicy(2, 1)}
+# Since the shrink and sign kernels build each k tile's byte codes before dp4a (stop 25), four rows there pay: four
+# rows a tenant ran 1.10-1.38x faster than as tl.dot tiles (shrink with SHARE_ROWS), no other case outside 0.99-1.02x
+# (bench/results/kernel_ab_rows4.md, kernel_ab_rows4_sign.md).
+DECODE_ROWS_POLICY = {"shrink": DecodeRowsPolicy(4, 1), "expand": DecodeRowsPolicy(4, 1),
+                      "sign": DecodeRowsPolicy(4, 1)}
 _forced_rows: list[int | None] = [None]
 
 
 def decode_rows(heights: Sequence[int], kernel: str) -> int:
     """DECODE_ROWS of `kernel`'s decode variant in a step whose row tiles have these heights: its tiles of at most
     that many rows take the decode variant, taller ones the tl.dot variant (DECODE_ROWS_POLICY says which). A
-    decode program tests each bit once for a tile's rows (the expand and sign kernels; the shrink walks them in
-    turn), a tl.dot program unpacks each code once for a whole tile but through shared memory. The interpreter
+    decode program tests each bit once for a tile's rows (the shrink with SHARE_ROWS, the default for such tiles),
+    a tl.dot program unpacks each code once for a whole tile but through shared memory. The interpreter
     takes multi-row tiles from 2 tiles, so the tests' small batches run the decode kernels on them."""
     if _forced_rows[0] is not None:
         return _forced_rows[0]
@@ -443,8 +446,8 @@ def _default_decode_config(kernel: str, work: int, group_size: int | None, rows:
             {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2}
     split = 16 if work <= 2 else 8 if work <= 8 else 4 if work <= 32 else 2
     if kernel == "shrink":
-        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": 2 * split, "SHARE_ROWS": 0,
-                "num_warps": 2}
+        return {"BLOCK_R": 64, "BLOCK_K": min(128, group_size & -group_size), "SPLIT_K": 2 * split,
+                "SHARE_ROWS": int(rows > 1), "num_warps": 2}
     if kernel == "expand":
         # Each program walks all of its ranks over a word per thread (4096 columns on 4 warps); the split divides the
         # ranks. Four-row tiles (128 fp32 sums a thread) ran 1.056x faster on half the columns and warps, in both

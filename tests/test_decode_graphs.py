@@ -47,7 +47,7 @@ def test_tenant_mixes_replay_covering_graphs_until_they_recur(tenants, exact_aft
     """exact_graph_after=3: a tenant mix's first two decode steps replay its batch size's covering graph (every
     kernel variant launched), the third captures its own; 1: each mix its own graph at once, no covering graph.
     The tokens are the eager engine's either way."""
-    slots = (0, 1, -1, 1, 0, 0)   # kernel-path tenants: tl.dot tiles for slot 0 once its three rows decode
+    slots = (0, 1, -1, 0, 0, 0, 0)   # kernel-path tenants: tl.dot tiles for slot 0 once its five rows decode
     engine = make_engine(tenants, cuda_graphs=True, exact_graph_after=exact_after)
     graphs = engine.runner.graphs
     assert _generate(engine, slots) == _generate(make_engine(tenants, cuda_graphs=False), slots)

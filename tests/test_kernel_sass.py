@@ -30,6 +30,6 @@ def test_instructions_drop_predicates_and_keep_addresses():
 def test_loops_are_backward_branches_innermost_first_with_opcode_counts():
     inner, outer = kernel_sass.loops(kernel_sass.instructions(LISTING))  # the forward BRA 0x90 is no loop
     assert (inner.start, inner.end, inner.instructions) == (0x20, 0x50, 4)
-    assert inner.opcodes == {"LDG": 0, "SHFL": 1, "BAR": 0, "LOP3": 1, "FADD": 1, "P2R": 0, "R2P": 0}
+    assert inner.opcodes == {"LDG": 0, "SHFL": 1, "BAR": 0, "LOP3": 1, "FADD": 1, "P2R": 0, "R2P": 0, "STL": 0, "LDL": 0}
     assert (outer.start, outer.end, outer.instructions) == (0x10, 0x70, 7)
     assert outer.opcodes["LDG"] == 1 and outer.opcodes["P2R"] == 1

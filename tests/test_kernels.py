@@ -516,9 +516,9 @@ def test_static_copy_rejects_other_padding() -> None:
         held.copy_(SlotMetadata.from_host([0, 1], S, cpu, pad_to=5))
     with pytest.raises(ValueError, match="static metadata on both sides"):
         held.copy_(SlotMetadata.from_host([0, 1, -1, -1], S, cpu))
-    # Rows needing a tl.dot kernel (a 3-row slot) cannot replay a graph captured with decode tiles only.
+    # Rows needing a tl.dot kernel (a 5-row slot) cannot replay a graph captured with decode tiles only.
     with pytest.raises(ValueError, match=r"need \(TileKinds\(decode=False, dot=True.*self's launch \(TileKinds\(decode=True, dot=False"):
-        held.copy_(SlotMetadata.from_host([2, 2, 2], S, cpu, pad_to=4))
+        SlotMetadata.from_host([0, 1], S, cpu, pad_to=8).copy_(SlotMetadata.from_host([2] * 5, S, cpu, pad_to=8))
     with pytest.raises(ValueError, match="pad_to must be >= 1 and >= the 2 rows"):
         SlotMetadata.from_host([0, 1], S, cpu, pad_to=1)
     with pytest.raises(ValueError, match="launch_every_variant needs static metadata"):
@@ -551,12 +551,13 @@ def test_multi_row_tiles_follow_each_kernels_decode_policy(monkeypatch) -> None:
         if policy.from_tiles > 1:
             assert kinds(tiles(policy.from_tiles - 1, 2), kernel) == (False, True, 1)
             assert kinds(tiles(policy.from_tiles - 2, 1) + [200] * 2, kernel) == (True, True, 1)  # one tile short
-    # The policies as measured: four-row tiles on the expand decode kernel only.
-    assert kinds(tiles(64, 4), "expand") == (True, False, 4)
-    assert kinds(tiles(64, 4), "shrink") == kinds(tiles(64, 4), "sign") == (False, True, 1)
-    with tuning.forced_decode_rows(4):
-        assert kinds(tiles(3, 3), "shrink") == (True, False, 4)
-    assert kinds(tiles(3, 3), "shrink") == (False, True, 1)
+    # The policies as measured: four-row tiles on every decode kernel, five rows and up on tl.dot; forcing one height
+    # overrides them.
+    assert all(kinds(tiles(64, 4), k) == (True, False, 4) for k in KERNELS)
+    assert all(kinds(tiles(64, 5), k) == (False, True, 1) for k in KERNELS)
+    with tuning.forced_decode_rows(2):
+        assert kinds(tiles(3, 3), "shrink") == (False, True, 2)
+    assert kinds(tiles(3, 3), "shrink") == (True, False, 4)
     with pytest.raises(ValueError, match="must be 1, 2 or 4"):
         with tuning.forced_decode_rows(3):
             pass
