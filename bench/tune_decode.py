@@ -8,16 +8,19 @@ tuning.forced_decode_config, the kernel alone (kernel_bench.ms: CUDA graph repla
 row i belongs to tenant i % tenants, so a case's tiles all have batch / tenants rows. A candidate whose output
 differs from the default config's is reported and never ranked.
 
-Usage (GPU, ~2 min on an H100):
-    python bench/tune_decode.py [--shapes qkv,o] [--out DIR] [--table PATH | --no-table]
+Usage (GPU, ~3 min on an H100; ~30 s a case with --cases):
+    python bench/tune_decode.py [--shapes qkv,o] [--cases 16x4,64x16] [--out DIR] [--table PATH | --no-table]
 writes DIR/decode_tuning.json and .md (default bench/results): per (kernel, work bucket, rows a tile) the
 time of the config in use and the fastest candidate's, summed over the shapes, and each shape's own best; and the
 fastest per key into the GPU's config table (kernels/configs/<GPU name>.json, its "decode_configs"; the launch
 configs bench/tune_kernels.py wrote stay), which tuning.decode_config then reads. Keys the cases do not reach
-keep the built-in defaults (tuning._default_decode_config, measured on the H100).
+keep the built-in defaults (tuning._default_decode_config, measured on the H100). --cases (batch x tenants)
+times only those and replaces only the table's keys they reach, keeping the others: a re-tune of some keys
+within one device call.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -45,12 +48,27 @@ CANDIDATES = {
     "shrink": [dict(SPLIT_K=s, BLOCK_R=r, num_warps=w) for s in (2, 4, 8, 16, 32, 64)
                for r, w in ((128, 4), (64, 2), (32, 1))]
     + [dict(SPLIT_K=s, BLOCK_R=64, num_warps=2, SHARE_ROWS=1, **cap) for s in (4, 8, 16, 32)
-       for cap in ({}, {"maxnreg": 128})],  # a tile's rows in one pass (kernels/lowrank_shrink.py)
+       for cap in ({}, {"maxnreg": 128})]  # a tile's rows in one pass (kernels/lowrank_shrink.py)
+    + [dict(SPLIT_K=s, BLOCK_R=32, num_warps=1, SHARE_ROWS=1) for s in (4, 8, 16, 32)],
     "expand": [dict(SPLIT_R=s, BLOCK_N=n, num_warps=w) for s in (8, 16, 32, 64, 128, 256)
                for n, w in ((4096, 4), (2048, 2))],
     "sign": [dict(SPLIT_K=s, BLOCK_N=n, num_warps=w) for s in (2, 4, 8, 16, 32, 64) for n, w in ((64, 4), (32, 2))],
 }
 SLOTS = 64
+
+
+def parse_cases(text: str) -> tuple[tuple[int, int], ...]:
+    """'16x4,64x16' -> ((16, 4), (64, 16)): batch x tenants, at most one tenant a row."""
+    cases = []
+    for item in text.split(","):
+        try:
+            batch, tenants = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not BATCHxTENANTS (for example 64x16)") from None
+        if not 1 <= tenants <= min(batch, SLOTS):
+            raise argparse.ArgumentTypeError(f"{item!r} needs 1 <= tenants <= min(batch, {SLOTS})")
+        cases.append((batch, tenants))
+    return tuple(cases)
 
 
 def name(params: dict[str, int]) -> str:
@@ -159,6 +177,8 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=None,
                     help=f"config table whose decode_configs this run writes (default {CONFIG_DIR}/<GPU name>.json)")
     ap.add_argument("--no-table", action="store_true", help="report only, write no table")
+    ap.add_argument("--cases", type=parse_cases, default=CASES,
+                    help="BATCHxTENANTS,... to time (default: all); the table keeps the keys they do not reach")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_decode.py times kernels on a CUDA GPU; none is available here")
@@ -169,7 +189,7 @@ def main() -> None:
     rows = []
     for shape in shapes:
         w = make_weights(shape, SLOTS, g)
-        rows += [r for b, t in CASES for r in time_case(w, b, t, g)]
+        rows += [r for b, t in args.cases for r in time_case(w, b, t, g)]
         del w
         torch.cuda.empty_cache()
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -179,8 +199,9 @@ def main() -> None:
     if not args.no_table:
         table = args.table or CONFIG_DIR / f"{device_slug()}.json"
         about = {k: res[k] for k in ("device", "torch", "triton")} | {"command": " ".join(sys.argv)}
-        write_decode_table(table, table_entries(res["summary"]), about)
-        print(f"wrote {table}'s decode_configs ({len(res['summary'])} keys)")
+        some = args.cases != CASES
+        write_decode_table(table, table_entries(res["summary"]), about, keep_others=some)
+        print(f"wrote {table}'s decode_configs ({len(res['summary'])} keys{', the others kept' if some else ''})")
     print(f"done in {res['seconds']:.0f} s")
 
 

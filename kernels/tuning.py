@@ -230,9 +230,14 @@ def write_config_table(path: Path, configs: dict[str, LaunchConfig], about: dict
     _update_table_file(path, {**about, "configs": {k: c.to_json(k.split(" ")[0]) for k, c in sorted(configs.items())}})
 
 
-def write_decode_table(path: Path, entries: dict[str, dict[str, int]], about: dict) -> None:
+def write_decode_table(path: Path, entries: dict[str, dict[str, int]], about: dict, keep_others: bool = False) -> None:
     """Write the decode kernels' meta-parameters read back by decode_config (bench/tune_decode.py's, by
-    decode_table_key) as the table's decode_configs, keeping its launch configs."""
+    decode_table_key) as the table's decode_configs, keeping its launch configs. keep_others: these entries
+    replace only their own keys (a run that tuned some keys), else the whole section (a run that tuned all)."""
+    if keep_others and path.exists():
+        body = json.loads(path.read_text())
+        entries = {**body.get("decode_configs", {}), **entries}
+        about = {**about, "other_keys_from": body.get("decode_about", {}).get("command")}
     _update_table_file(path, {"decode_about": about, "decode_configs": dict(sorted(entries.items()))})
 
 
