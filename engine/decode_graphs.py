@@ -3,10 +3,10 @@
 Python issues some twenty launches per layer; at small batches that host time, not the GPU, sets the step
 time (H100, batch 1: ~70 ms a step for SmolLM2 and for a 7B alike, bench/results/engine_decode_*). A
 decode step whose tenant rows all take the Triton kernels is padded to the next bucket size P and replayed
-from a graph captured for (P, which delta kernels its rows need) under the slot bank's current layout. Per step
-only inputs move: the embedded tokens (the embedding and its per-tenant delta run eagerly, outside the
-graph), positions, cache slots, block tables, context lengths and slot metadata are copied into the
-graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
+from a graph captured for (P, its row tiles and which delta kernels they need) under the slot bank's current
+layout. Per step only inputs move: the embedded tokens (the embedding and its per-tenant delta run eagerly,
+outside the graph), positions, cache slots, block tables, context lengths and slot metadata are copied into
+the graph's static tensors. Padding rows are base rows of context 0 writing K/V to a scratch cache row.
 
 A capture costs a few eager steps plus the capture itself, on the step thread, stalling every running sequence
 once (~0.25 s at 7B). So, as vLLM does, the base-model graph of every bucket is captured before the engine takes
@@ -14,8 +14,10 @@ requests (capture_base), and base graphs, which read no slot buffer, outlive slo
 tenant rows need slot buffers, so their graphs are captured on use and again after a layout change; and a
 serving batch's mix of tenants changes which kernel variants its rows take (decode or tl.dot tiles, rows a tile),
 so a key per mix alone would keep capturing. A bucket's first tenant step therefore captures its covering graph,
-which launches every variant (DeltaRows.launch_every_variant) and replays any mix, and a mix gets a graph of its
-own, without the covering graph's idle launches, only once it has come exact_after times under the layout.
+which launches every variant (DeltaRows.launch_every_variant) on 16-row tiles enough for any mix and replays any
+mix, and a mix gets a graph of its own only once it has come exact_after times under the layout: without the
+covering graph's idle launches, and on the mix's own row tiles (SlotMetadata.from_host's fit_tiles), so a
+tenant's 17-64 rows read its delta once and each launch takes the config of its real tile count.
 captures and capture_seconds count the captures, covering_steps the steps replayed by covering graphs (the
 server exports all three).
 """
@@ -62,7 +64,7 @@ class DecodeGraphs:
         self.max_blocks = -(-max_model_len // block_size)
         self.buckets = decode_buckets(max_num_seqs)
         self.device = bank.device
-        self._graphs: dict[tuple[int, tuple | None], _Graph] = {}   # (P, DeltaRows.kernel_kinds or None)
+        self._graphs: dict[tuple[int, tuple | None], _Graph] = {}   # (P, DeltaRows.graph_key or None)
         self._seen: dict[tuple[int, tuple], int] = {}   # steps of each tenant key without a graph of its own
         self._layout: tuple | None = None
         self._pool = None
@@ -98,13 +100,15 @@ class DecodeGraphs:
         hidden = embedding(ids, embed_rows)
         attn = DecodeAttention.build(ctx_lens, block_tables, self.block_size, pad_to, self.max_blocks,
                                      self.scratch_row, self.device)
-        rows = self.bank.static_rows(row_slots, pad_to) if any(s >= 0 for s in row_slots) else None
-        key = (pad_to, None if rows is None else rows.kernel_kinds())
+        tenants = any(s >= 0 for s in row_slots)
+        rows = self.bank.static_rows(row_slots, pad_to, fit_tiles=True) if tenants else None
+        key = (pad_to, None if rows is None else rows.graph_key())
         g = self._graphs.get(key)
         if g is None and rows is not None:
             self._seen[key] = self._seen.get(key, 0) + 1
             if self._seen[key] < self.exact_after:
-                key = (pad_to, rows.launch_every_variant().kernel_kinds())
+                rows = self.bank.static_rows(row_slots, pad_to).launch_every_variant()
+                key = (pad_to, rows.graph_key())
                 g = self._graphs.get(key)
                 self.covering_steps += 1
         if g is None:

@@ -26,10 +26,10 @@ class DeltaRows:
     packed: SlotMetadata | None                # rows of slots holding quantized low-rank deltas, else -1
     sign: SlotMetadata | None                  # rows of slots holding BitDelta deltas, else -1
 
-    def kernel_kinds(self) -> tuple:
-        """Which delta kernels a step of these rows launches (SlotMetadata.launch_kinds of each kind's rows):
-        part of a captured decode graph's key, as a graph holds only its capturing step's launches."""
-        return tuple(None if m is None else m.launch_kinds() for m in (self.packed, self.sign))
+    def graph_key(self) -> tuple:
+        """The row tiles and delta kernel launches of a step of these rows (SlotMetadata.graph_key of each kind's
+        rows): part of a captured decode graph's key, as a graph holds only its capturing step's launches."""
+        return tuple(None if m is None else m.graph_key() for m in (self.packed, self.sign))
 
     def launch_every_variant(self) -> DeltaRows:
         """These (static) rows with every kind's metadata launching every kernel variant
@@ -210,10 +210,11 @@ class SlotBank:
             self._layout = (tuple(key), bool(self._kind_slots["packed"]), bool(self._kind_slots["sign"]))
         return self._layout
 
-    def static_rows(self, row_slots: list[int], pad_to: int) -> DeltaRows:
+    def static_rows(self, row_slots: list[int], pad_to: int, fit_tiles: bool = False) -> DeltaRows:
         """DeltaRows of a captured decode step: row_slots padded with base rows to pad_to, every tensor's shape
-        fixed by pad_to, kernel metadata present whenever some resident slot uses that kernel (not only this
-        step's), and no per-slot groups (graph steps hold no torch-applied slot: see torch_applied)."""
+        fixed by pad_to (and with fit_tiles by this step's row tiles: SlotMetadata.from_host), kernel metadata
+        present whenever some resident slot uses that kernel (not only this step's), and no per-slot groups
+        (graph steps hold no torch-applied slot: see torch_applied)."""
         (row,) = upload_lists([row_slots + [-1] * (pad_to - len(row_slots))], self.device, torch.int32)
 
         def kernel_rows(kind: str) -> SlotMetadata | None:
@@ -221,7 +222,7 @@ class SlotBank:
             if not holders:
                 return None
             return SlotMetadata.from_host([s if s in holders else -1 for s in row_slots], self.num_slots,
-                                          self.device, pad_to=pad_to)
+                                          self.device, pad_to=pad_to, fit_tiles=fit_tiles)
         return DeltaRows(row, row.clamp(min=0), (row < 0)[:, None], [], kernel_rows("packed"), kernel_rows("sign"))
 
     def _metadata(self, row_slots: list[int], kind: str, every: SlotMetadata) -> SlotMetadata | None:

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+import triton
 
 from .tables import upload_lists, upload_packed
 from .tuning import DECODE_ROWS_POLICY, KERNELS, block_m_for, decode_rows
 
-# Row-tile height of static metadata. Graph-captured steps are decode steps, whose segments are short.
+# Row-tile height of static metadata for any mix of its rows (covering graphs): decode segments are short.
 STATIC_BLOCK_M = 16
 
 
@@ -36,8 +37,9 @@ class SlotMetadata:
     all use slot seg_slots[i]. Rows of slot -1 (the base model) belong to no segment, so kernels never touch them.
 
     Static metadata (from_host with pad_to=P, for CUDA graphs) has P rows, the rows past the batch at slot -1;
-    every device tensor's shape depends only on P and num_slots, and so do the launch grids (see launch_tiles).
-    copy_ moves another step's metadata into its tensors, which a captured graph keeps reading.
+    every device tensor's shape depends only on P and num_slots (with fit_tiles, also on the step's tile_shape),
+    and so do the launch grids (see launch_tiles). copy_ moves another step's metadata into its tensors, which a
+    captured graph keeps reading.
     """
 
     row_slots: torch.Tensor  # int32 [B], -1 = base
@@ -55,6 +57,8 @@ class SlotMetadata:
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _kinds: dict[str, TileKinds] = field(default_factory=dict, repr=False)  # tile_kinds' answers, by kernel
     _split: dict = field(default_factory=dict, repr=False)  # split_long's answers, by min_rows
+    _static_height: int = 0  # static: the height of its padded tiles (0: dynamic)
+    _any_mix: bool = False   # static with tiles for any mix of its rows (from_host without fit_tiles)
 
     @classmethod
     def build(cls, row_slots: torch.Tensor, num_slots: int) -> SlotMetadata:
@@ -66,13 +70,17 @@ class SlotMetadata:
 
     @classmethod
     def from_host(cls, row_slots: list[int], num_slots: int, device: torch.device,
-                  pad_to: int | None = None) -> SlotMetadata:
+                  pad_to: int | None = None, fit_tiles: bool = False) -> SlotMetadata:
         """Same as build from a host list, without reading the device: grouped on the host, then every field and
         the row tiles at this batch's tile height (see blocks) go up in one non-blocking copy.
 
         pad_to=P makes static metadata for P rows (P >= len(row_slots)): row_slots padded with -1, the segment
-        fields padded to P entries, and the row tiles at STATIC_BLOCK_M padded to static_tile_count(P, num_slots)
-        with segment -1, on which a kernel program returns at once."""
+        fields padded to P entries, and the row tiles padded with segment -1, on which a kernel program returns at
+        once. The tiles are STATIC_BLOCK_M rows, static_tile_count(P, num_slots) of them: room for any mix of P
+        rows (a covering graph's). fit_tiles: the tiles of this step instead, at its tile height (block_m_for)
+        and padded to the next power of two of their count, so its launches take the configs of its own tile
+        count and height (those kernel_bench times), and a tenant's 17-64 rows read its delta once, not once
+        per 16 rows; copy_ then takes only steps of the same height and padded count (graph_key)."""
         if num_slots < 0:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
         if pad_to is not None and not max(len(row_slots), 1) <= pad_to:
@@ -87,17 +95,19 @@ class SlotMetadata:
         seg_lens = [len(by_slot[s]) for s in seg_slots]
         seg_starts = list(itertools.accumulate(seg_lens, initial=0))[:-1]
         sorted_rows = [r for s in seg_slots for r in by_slot[s]]
-        block_m = block_m_for(max(seg_lens, default=0)) if pad_to is None else STATIC_BLOCK_M
+        any_mix = pad_to is not None and not fit_tiles
+        block_m = STATIC_BLOCK_M if any_mix else block_m_for(max(seg_lens, default=0))
         tile_seg, tile_start = _tiles(seg_lens, block_m)
         parts = [list(row_slots), sorted_rows, seg_slots, seg_starts, seg_lens, tile_seg, tile_start]
         if pad_to is not None:
-            n_tiles = static_tile_count(pad_to, num_slots)
+            n_tiles = static_tile_count(pad_to, num_slots) if any_mix else triton.next_power_of_2(max(len(tile_seg), 1))
             assert len(tile_seg) <= n_tiles, "static_tile_count is an upper bound"
             parts = [_pad(p, n, fill) for p, n, fill in zip(
                 parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
         flat, t = upload_packed(parts, torch.device(device), torch.int32)
         meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts),
-                   static=pad_to is not None, row_slots_host=tuple(row_slots), _flat=flat)
+                   static=pad_to is not None, row_slots_host=tuple(row_slots), _flat=flat,
+                   _static_height=block_m if pad_to is not None else 0, _any_mix=any_mix)
         meta._blocks[block_m] = (t[5], t[6])
         return meta
 
@@ -110,6 +120,9 @@ class SlotMetadata:
         if (self.num_rows, self.num_slots) != (other.num_rows, other.num_slots):
             raise ValueError(f"padded to {other.num_rows} rows of {other.num_slots} slots, "
                              f"self is {self.num_rows} rows of {self.num_slots} slots")
+        if self.tile_shape != other.tile_shape:
+            raise ValueError(f"other's tiles are {other.tile_shape} (rows, count), self's {self.tile_shape}: a graph "
+                             f"captured with self would cut other's rows wrongly")
         if not all(mine.covers(theirs) for mine, theirs in zip(self.launch_kinds(), other.launch_kinds())):
             raise ValueError(f"other's rows need {other.launch_kinds()}, self's launch {self.launch_kinds()}: a "
                              f"graph captured with self would run the wrong kernels")
@@ -117,14 +130,15 @@ class SlotMetadata:
         self.seg_lens_host, self.seg_slots_host, self.seg_starts_host, self.row_slots_host = (
             other.seg_lens_host, other.seg_slots_host, other.seg_starts_host, other.row_slots_host)
         # Tiles of any other height were cut for the old rows (only the references ask for them).
-        self._blocks = {STATIC_BLOCK_M: self._blocks[STATIC_BLOCK_M]}
+        self._blocks = {self._static_height: self._blocks[self._static_height]}
 
     def launch_every_variant(self) -> None:
         """Make this static metadata launch both variants of every kernel, the decode one at its policy's most
         rows a tile, whatever its rows: a graph captured with it replays any step of its padding (copy_ takes
         them all), at the price of idle launches and of decode variants compiled for more rows than a step has."""
-        if not self.static:
-            raise ValueError("launch_every_variant needs static metadata (from_host with pad_to)")
+        if not self._any_mix:
+            raise ValueError("launch_every_variant needs static metadata for any mix (from_host with pad_to, "
+                             "without fit_tiles)")
         self._kinds = {k: TileKinds(True, True, DECODE_ROWS_POLICY[k].max_rows) for k in KERNELS}
 
     def split_long(self, min_rows: int) -> tuple[SlotMetadata | None, list[tuple[int, slice | torch.Tensor]]]:
@@ -189,20 +203,33 @@ class SlotMetadata:
         """tile_kinds of every kernel (KERNELS order): what a captured graph of this step launches."""
         return tuple(self.tile_kinds(k) for k in KERNELS)
 
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(rows a tile, tiles) of static metadata's launches: its grids and tile tensors ((0, 0) if dynamic)."""
+        if not self.static:
+            return 0, 0
+        return self._static_height, self._blocks[self._static_height][0].shape[0]
+
+    def graph_key(self) -> tuple:
+        """What a CUDA graph captured with this static metadata is for: its tiles, whether they fit any mix of its
+        rows (a covering graph's), and its launches (copy_ takes steps of the same tiles whose launches these
+        cover)."""
+        return self.tile_shape, self._any_mix, self.launch_kinds()
+
     def launch_tiles(self) -> tuple[int, torch.Tensor, torch.Tensor] | None:
         """What a delta kernel launch iterates over: (tile height, tile segments, tile starts; see blocks), or
         None when no row has a slot. Static metadata always gives its fixed padded tiles, never None (tile_kinds
         then says whether a kernel launches at all)."""
         if self.static:
-            return (STATIC_BLOCK_M, *self._blocks[STATIC_BLOCK_M])
+            return (self._static_height, *self._blocks[self._static_height])
         if not self.seg_lens_host:
             return None
         return (self.tile_height, *self.blocks(self.tile_height))
 
     @property
     def tile_height(self) -> int:
-        """Rows of a launch's row tiles: STATIC_BLOCK_M for static metadata, else block_m_for this batch."""
-        return STATIC_BLOCK_M if self.static else block_m_for(self.max_seg_len)
+        """Rows of a launch's row tiles: static metadata's own (from_host), else block_m_for this batch."""
+        return self._static_height if self.static else block_m_for(self.max_seg_len)
 
 
 def static_tile_count(num_rows: int, num_slots: int) -> int:

@@ -461,6 +461,38 @@ def test_static_metadata_shapes_depend_on_padding_only() -> None:
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "sign"])
+def test_fitted_static_metadata_launches_as_the_unpadded_step(kind: str, gen) -> None:
+    """fit_tiles (an exact decode graph's metadata): the step's own tile height and its tile count padded to a
+    power of two, so a launch equals the unpadded one bit for bit (same tiles, same configs); copy_ takes a step
+    of the same tiles, and refuses other tiles and launch_every_variant."""
+    g, seed = gen
+    cpu = torch.device("cpu")
+    rows, P = [0] * 20 + [-1, 2, 2, 3], 28        # a 20-row segment: 32-row tiles, three of them, padded to four
+    static = SlotMetadata.from_host(rows, S, cpu, pad_to=P, fit_tiles=True)
+    assert static.tile_shape == (32, 4) and static.launch_tiles()[0] == 32
+    assert SlotMetadata.from_host(rows, S, cpu, pad_to=P).tile_shape == (16, static_tile_count(P, S))
+    projections = _kind_projections(kind, g)
+    plan = lowrank_plan_for(projections) if kind == "lowrank" else sign_plan_for(projections)
+    x, y0, _ = _batch(rows + [-1] * (P - len(rows)), torch.float16, g)
+    got, want = y0.clone(), y0[:len(rows)].clone()
+    _launch(kind, want, x[:len(rows)], SlotMetadata.from_host(rows, S, cpu), projections, plan)
+    _launch(kind, got, x, static, projections, plan)
+    assert torch.equal(got[:len(rows)], want) and torch.equal(got[len(rows):], y0[len(rows):]), f"seed {seed}"
+    same_tiles = [3] * 17 + [1, -1, 0, 0]         # other slots and heights, the same (32, 4) tiles and launches
+    fresh = SlotMetadata.from_host(same_tiles, S, cpu, pad_to=P, fit_tiles=True)
+    assert fresh.graph_key() == static.graph_key()
+    static.copy_(fresh)
+    got, want = y0.clone(), y0.clone()
+    _launch(kind, got, x, static, projections, plan)
+    _launch(kind, want, x, fresh, projections, plan)
+    assert torch.equal(got, want), f"seed {seed}"
+    with pytest.raises(ValueError, match=r"other's tiles are \(16, 4\) \(rows, count\), self's \(32, 4\)"):
+        static.copy_(SlotMetadata.from_host([0, 1, 2, 3], S, cpu, pad_to=P, fit_tiles=True))
+    with pytest.raises(ValueError, match="launch_every_variant needs static metadata for any mix"):
+        static.launch_every_variant()
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sign"])
 def test_static_copy_then_launch_equals_fresh_launch(kind: str, gen) -> None:
     """copy_ into metadata that already served a launch (as a captured graph's does), then launch again."""
     g, seed = gen
