@@ -101,7 +101,7 @@ class SlotMetadata:
         parts = [list(row_slots), sorted_rows, seg_slots, seg_starts, seg_lens, tile_seg, tile_start]
         if pad_to is not None:
             n_tiles = static_tile_count(pad_to, num_slots) if any_mix else triton.next_power_of_2(max(len(tile_seg), 1))
-            assert len(tile_seg) <= n_tiles, "static_tile_count is an upper bound"
+            assert len(tile_seg) <= n_tiles, "the padded tile count is an upper bound"
             parts = [_pad(p, n, fill) for p, n, fill in zip(
                 parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
         flat, t = upload_packed(parts, torch.device(device), torch.int32)
@@ -221,7 +221,7 @@ class SlotMetadata:
         None when no row has a slot. Static metadata always gives its fixed padded tiles, never None (tile_kinds
         then says whether a kernel launches at all)."""
         if self.static:
-            return (self._static_height, *self._blocks[self._static_height])
+            return (self.tile_height, *self._blocks[self.tile_height])
         if not self.seg_lens_host:
             return None
         return (self.tile_height, *self.blocks(self.tile_height))
