@@ -62,6 +62,19 @@ def test_tenant_mixes_replay_covering_graphs_until_they_recur(tenants, exact_aft
         assert all(n < exact_after for key, n in graphs._seen.items() if key not in graphs._graphs)
 
 
+def test_a_tenants_many_rows_replay_one_graph_on_their_own_tiles(tenants):
+    """17 rows of one tenant: its own graph is captured on one 32-row tile (SlotMetadata.from_host's fit_tiles),
+    not on the two 16-row tiles of a covering graph, and gives the eager engine's tokens."""
+    slots = (0,) * 17
+    prompts = [[250, 3], [64, 9, 7]]
+    room = dict(num_kv_blocks=128, max_num_batched_tokens=32)   # all 17 decoding in one step
+    engine = make_engine(tenants, cuda_graphs=True, **room)
+    assert (_generate(engine, slots, prompts, max_tokens=12) ==
+            _generate(make_engine(tenants, cuda_graphs=False, **room), slots, prompts, max_tokens=12))
+    tiles = {key[1][0][0] for key in engine.runner.graphs._graphs if key[1] is not None}
+    assert (32, 1) in tiles and all(tile[0] in (16, 32) for tile in tiles)   # fewer rows as requests finish
+
+
 def test_a_reloaded_slot_changes_the_static_steps_output(tenants):
     """Graphs read slot buffers, not copies: a tenant loaded after the first step shows in the next one."""
     engine = make_engine(tenants, cuda_graphs=True)
