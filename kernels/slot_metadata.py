@@ -51,13 +51,12 @@ class SlotMetadata:
     seg_lens_host: tuple[int, ...]  # seg_lens on the host: sizes the launch grids without another sync
     seg_slots_host: tuple[int, ...]  # seg_slots and seg_starts on the host, for the PyTorch references
     seg_starts_host: tuple[int, ...]
-    static: bool = False  # padded for graph capture: launches never read the host tuples above
     row_slots_host: tuple[int, ...] = ()  # row_slots on the host (unpadded)
     _flat: torch.Tensor | None = field(default=None, repr=False)  # the one device buffer every tensor views
     _blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _kinds: dict[str, TileKinds] = field(default_factory=dict, repr=False)  # tile_kinds' answers, by kernel
     _split: dict = field(default_factory=dict, repr=False)  # split_long's answers, by min_rows
-    _static_height: int = 0  # static: the height of its padded tiles (0: dynamic)
+    _static_height: int = 0  # the height of static metadata's padded tiles; 0: dynamic (see static)
     _any_mix: bool = False   # static with tiles for any mix of its rows (from_host without fit_tiles)
 
     @classmethod
@@ -106,8 +105,8 @@ class SlotMetadata:
                 parts, [pad_to] * 5 + [n_tiles] * 2, [-1, 0, 0, 0, 0, -1, 0])]
         flat, t = upload_packed(parts, torch.device(device), torch.int32)
         meta = cls(t[0], num_slots, t[1], t[2], t[3], t[4], tuple(seg_lens), tuple(seg_slots), tuple(seg_starts),
-                   static=pad_to is not None, row_slots_host=tuple(row_slots), _flat=flat,
-                   _static_height=block_m if pad_to is not None else 0, _any_mix=any_mix)
+                   row_slots_host=tuple(row_slots), _flat=flat, _static_height=block_m if pad_to is not None else 0,
+                   _any_mix=any_mix)
         meta._blocks[block_m] = (t[5], t[6])
         return meta
 
@@ -169,6 +168,11 @@ class SlotMetadata:
         if self.row_slots_host[first:first + n] == (slot,) * n:
             return slice(first, first + n)
         return self.sorted_rows[start:start + n].long()
+
+    @property
+    def static(self) -> bool:
+        """Padded for graph capture (from_host with pad_to): launches never read its host tuples (seg_*_host)."""
+        return self._static_height > 0
 
     @property
     def num_rows(self) -> int:

@@ -304,9 +304,10 @@ _forced_rows: list[int | None] = [None]
 def decode_rows(heights: Sequence[int], kernel: str) -> int:
     """DECODE_ROWS of `kernel`'s decode variant in a step whose row tiles have these heights: its tiles of at most
     that many rows take the decode variant, taller ones the tl.dot variant (DECODE_ROWS_POLICY says which). A
-    decode program tests each bit once for a tile's rows (the shrink with SHARE_ROWS, the default for such tiles),
-    a tl.dot program unpacks each code once for a whole tile but through shared memory. The interpreter
-    takes multi-row tiles from 2 tiles, so the tests' small batches run the decode kernels on them."""
+    decode program tests each bit once for a tile's rows (the shrink with SHARE_ROWS, its default for such tiles;
+    the expand and sign kernels always), a tl.dot program unpacks each code once for a whole tile but through
+    shared memory. The interpreter takes multi-row tiles from 2 tiles, so the tests' small batches run the decode
+    kernels on them."""
     if _forced_rows[0] is not None:
         return _forced_rows[0]
     policy = DECODE_ROWS_POLICY[kernel]
