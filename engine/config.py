@@ -68,6 +68,12 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None         # None: no logprobs; n: the chosen token's and the top n alternatives'
     ignore_eos: bool = False
+    # OpenAI's penalties on tokens already generated (subtracted from their logits: presence once, frequency per
+    # occurrence) and vLLM's repetition penalty on tokens of the prompt or output (positive logits divided by it,
+    # negative ones multiplied); sampler.penalize applies them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0     # 1 = off
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -82,7 +88,16 @@ class SamplingParams:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -17,7 +17,7 @@ from deltaserve.engine.config import EngineConfig, SamplingParams
 from deltaserve.engine.detokenizer import Detokenizer
 from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob, TopLogprob
-from deltaserve.engine.sampler import logprobs, sample
+from deltaserve.engine.sampler import logprobs, penalize, sample
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.slot_bank import LoadPlan
 from deltaserve.engine.sequence import Sequence
@@ -97,7 +97,9 @@ class LLMEngine:
         self._record(batch.seqs, num_prefill)
         if not sampling:
             return []
-        tokens = sample(logits, [s.params for s in sampling], [s.generator for s in sampling])
+        params = [s.params for s in sampling]
+        penalized = penalize(logits, params, [s.token_ids for s in sampling], [s.num_prompt_tokens for s in sampling])
+        tokens = sample(penalized, params, [s.generator for s in sampling])
         want = [s.params.logprobs for s in sampling if s.params.logprobs is not None]
         # One device-to-host copy for the whole batch, not one per row.
         lp = tuple(t.tolist() for t in logprobs(logits, tokens, max(want))) if want else None

@@ -1,4 +1,5 @@
-"""Batched sampling: temperature, top-k, top-p per row, each row drawing from its own seeded generator."""
+"""Batched sampling: repetition, presence and frequency penalties, then temperature, top-k, top-p per row, each
+row drawing from its own seeded generator."""
 from __future__ import annotations
 
 import torch
@@ -32,6 +33,39 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     # One draw per row from its own generator; the picks are gathered and written back batched.
     choices = torch.cat([torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(random_rows)])
     return tokens.index_copy_(0, rows, order.gather(1, choices[:, None]).squeeze(1))
+
+
+def penalize(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
+             prompt_lens: list[int]) -> torch.Tensor:
+    """logits fp32 [B, V] with each row's penalties applied (a new tensor; the same one if no row has any), as vLLM
+    applies them: the repetition penalty on every token of the row's prompt or output, then minus the frequency
+    penalty times each token's count in the output and minus the presence penalty once per token in it.
+    token_ids: each row's prompt then output tokens, the first prompt_lens of them the prompt's."""
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    picked = [params[i] for i in rows]
+    # Every (row, token) occurrence as flat index lists, output tokens and prompt tokens apart (only the repetition
+    # penalty looks at the prompt's); uploaded at once, counted on the device.
+    outputs = [token_ids[i][prompt_lens[i]:] for i in rows]
+    prompts = [token_ids[i][:prompt_lens[i]] for i in rows]
+    out_row = [j for j, ids in enumerate(outputs) for _ in ids]
+    out_tok = [t for ids in outputs for t in ids]
+    prompt_row = [j for j, ids in enumerate(prompts) for _ in ids]
+    prompt_tok = [t for ids in prompts for t in ids]
+    row_ids, tok_ids, prompt_rows, prompt_toks, index = upload_lists(
+        [out_row, out_tok, prompt_row, prompt_tok, rows], device)
+    rep, freq, pres = upload_lists([[p.repetition_penalty for p in picked], [p.frequency_penalty for p in picked],
+                                    [p.presence_penalty for p in picked]], device, torch.float32)
+    counts = torch.zeros(len(rows), vocab, device=device)
+    counts.index_put_((row_ids, tok_ids), torch.ones_like(tok_ids, dtype=counts.dtype), accumulate=True)
+    seen = counts > 0
+    seen.index_put_((prompt_rows, prompt_toks), torch.ones_like(prompt_toks, dtype=torch.bool))
+    part = logits.index_select(0, index)
+    part = torch.where(seen, torch.where(part > 0, part / rep[:, None], part * rep[:, None]), part)
+    part = part - freq[:, None] * counts - pres[:, None] * (counts > 0)
+    return logits.index_copy(0, index, part)
 
 
 def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

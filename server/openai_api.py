@@ -90,7 +90,8 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k, seed=body.seed, stop=body.stop, logprobs=body.logprobs_count(),
-        ignore_eos=body.ignore_eos,
+        ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty,
     )
 
 

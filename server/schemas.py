@@ -1,8 +1,8 @@
 """Pydantic schemas of the OpenAI API subset we serve (requests and responses).
 
 Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument supplied"): a misspelt
-parameter must fail loudly rather than be ignored. ``top_k`` and ``ignore_eos`` are vLLM's extensions,
-reachable from the openai client through ``extra_body``.
+parameter must fail loudly rather than be ignored. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are
+vLLM's extensions, reachable from the openai client through ``extra_body``.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     top_k: Annotated[int, Field(ge=0)] = 0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
     ignore_eos: bool = False
 
     @field_validator("stop")

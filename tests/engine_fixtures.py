@@ -63,16 +63,23 @@ def run_to_end(engine: LLMEngine) -> dict[str, list[int]]:
     return tokens
 
 
-def merged_greedy(tenants: Tenants, slot: int, prompt: list[int], max_tokens: int = 32) -> list[int]:
-    """transformers' greedy tokens for base + the tenant's reconstructed delta (slot -1: the base)."""
+def merged_model(tenants: Tenants, slot: int) -> torch.nn.Module:
+    """transformers' model of base + the tenant's reconstructed delta (slot -1: the base), fp32."""
     model = AutoModelForCausalLM.from_pretrained(tenants.base, dtype=torch.float32)
     if slot >= 0:
         state = model.state_dict()
         for name, delta in tenants.deltas[slot].dense_deltas().items():
             state[name] += delta        # tied embeddings: lm_head shares this tensor, so it changes too
         model.load_state_dict(state)
+    return model
+
+
+def merged_greedy(tenants: Tenants, slot: int, prompt: list[int], max_tokens: int = 32,
+                  repetition_penalty: float = 1.0) -> list[int]:
+    """transformers' greedy tokens for base + the tenant's reconstructed delta (slot -1: the base)."""
     ids = torch.tensor([prompt])
     # An explicit mask: otherwise generate masks out prompt tokens that equal the pad id.
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
-                         min_new_tokens=max_tokens, do_sample=False)
+    out = merged_model(tenants, slot).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                               min_new_tokens=max_tokens, do_sample=False,
+                                               repetition_penalty=repetition_penalty)
     return out[0, len(prompt):].tolist()

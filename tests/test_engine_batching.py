@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from deltaserve.engine import AsyncEngine, EngineConfig, SamplingParams
-from engine_fixtures import PROMPTS, greedy, make_engine, make_tenants, run_to_end
+from engine_fixtures import PROMPTS, greedy, make_engine, make_tenants, merged_greedy, merged_model, run_to_end
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,34 @@ def test_stop_strings_stop_tokens_and_logprobs(tenants):
         (entry,) = o.logprobs
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token_id == entry.token_id
         assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) and entry.logprob <= 0
+
+
+def test_penalties_steer_greedy_decoding_as_references_do(tenants):
+    """In one batch: a tenant's greedy tokens under a repetition penalty equal transformers' generate with the same
+    penalty (prompt and output tokens both penalized); under a presence or a frequency penalty, a loop over the
+    merged model's logits with OpenAI's definitions (output tokens only; negative values here, which favour repeats,
+    so that each changes this tiny model's tokens); and an unpenalized request keeps its plain greedy tokens."""
+    engine = make_engine(tenants)
+    prompt, slot, n = list(PROMPTS[1]), 1, 12
+    penalties = {"presence": dict(presence_penalty=-2.0), "frequency": dict(frequency_penalty=-1.5),
+                 "repetition": dict(repetition_penalty=1.3), "plain": {}}
+    for name, fields in penalties.items():
+        engine.add_request(name, prompt, dataclasses.replace(greedy(n), **fields), slot)
+    out = run_to_end(engine)
+    assert out["repetition"] == merged_greedy(tenants, slot, prompt, n, repetition_penalty=1.3)
+    assert out["plain"] == merged_greedy(tenants, slot, prompt, n)
+    model = merged_model(tenants, slot)
+    for name, presence, frequency in (("presence", -2.0, 0.0), ("frequency", 0.0, -1.5)):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                logits = model(torch.tensor([ids])).logits[0, -1]
+                generated = ids[len(prompt):]
+                for token in set(generated):
+                    logits[token] -= frequency * generated.count(token) + presence
+                ids.append(int(logits.argmax()))
+        assert out[name] == ids[len(prompt):], name
+    assert len({tuple(tokens) for tokens in out.values()}) == len(out), "each penalty changes this model's tokens"
 
 
 def test_bad_requests_and_deltas_are_refused(tenants):

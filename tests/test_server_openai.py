@@ -24,6 +24,9 @@ TENANTS = ("alpha", "beta", "gamma")
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world, the answer is"}]
 PROMPT = "the quick brown fox"
 MAX_TOKENS = 12
+# Penalties the server passes to the engine (OpenAI's two, vLLM's repetition_penalty through extra_body); negative
+# presence favours repeats, enough to change a tiny random model's greedy tokens.
+PENALTIES = dict(presence_penalty=-2.0, frequency_penalty=0.5, repetition_penalty=1.2)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +60,10 @@ def expected(tiny_base, deltas):
                        "completion": completion_prompt_ids(tok, PROMPT)[0]}
             answers = {}
             for tenant, slot in slots.items():
-                for kind, ids in prompts.items():
+                for kind, ids in [*prompts.items(), ("penalized", prompts["completion"])]:
                     text = ""
-                    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+                    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                            **(PENALTIES if kind == "penalized" else {}))
                     async for out in engine.generate(f"ref-{tenant}-{kind}", ids, params, slot=slot):
                         text += out.new_text
                     answers[(tenant or engine.model_name, kind)] = text
@@ -177,6 +181,26 @@ def test_usage_logprobs_n_seed(served):
         cut = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                         stop=[word])
         assert word not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+
+
+def test_penalties_reach_the_engine(served, expected):
+    """presence_penalty and frequency_penalty (OpenAI's) and repetition_penalty (vLLM's, through extra_body) give
+    the engine's own penalized tokens; out-of-range values are 400s naming the parameter, null means 0."""
+    server, keys = served
+    client = server.openai(keys["beta"])
+    reply = client.completions.create(model="beta", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                      presence_penalty=PENALTIES["presence_penalty"],
+                                      frequency_penalty=PENALTIES["frequency_penalty"],
+                                      extra_body={"repetition_penalty": PENALTIES["repetition_penalty"]})
+    assert reply.choices[0].text == expected[("beta", "penalized")]
+    assert expected[("beta", "penalized")] != expected[("beta", "completion")], "the penalties change these tokens"
+    with server.http(keys["beta"]) as http:
+        body = {"model": "beta", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
+        plain = http.post("/v1/completions", json={**body, "presence_penalty": None, "frequency_penalty": None})
+        assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == expected[("beta", "completion")]
+        for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0)):
+            error = _error(http.post("/v1/completions", json={**body, name: value}), 400)
+            assert error["param"] == name, error
 
 
 def _error(response, status: int, code: str | None = None) -> dict:
