@@ -31,6 +31,7 @@ class AsyncEngine:
         self.base_fingerprint: str = self._engine.base_fingerprint
         self.base_shapes: dict[str, tuple] = self._engine.base_shapes
         self.model_name: str = self._engine.model_name
+        self.vocab_size: int = self._engine.vocab_size
         # `_lock` guards the engine (steps, delta loads); `_wake` signals new work or stop to the step thread.
         self._lock = threading.Lock()
         self._wake = threading.Condition(threading.Lock())

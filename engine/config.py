@@ -74,6 +74,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0     # 1 = off
+    logit_bias: dict[int, float] = field(default_factory=dict)   # OpenAI's: token id -> added to its logit
+    min_tokens: int = 0                 # vLLM's: EOS and stop_token_ids masked until this many tokens (stop strings
+                                        # still end a request)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -93,6 +96,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias.items()):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens = {self.max_tokens}], got {self.min_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -101,3 +108,8 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether sampler.process_logits changes this request's logits (penalties, logit_bias, min_tokens)."""
+        return self.penalized or bool(self.logit_bias) or self.min_tokens > 0

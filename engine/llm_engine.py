@@ -17,7 +17,7 @@ from deltaserve.engine.config import EngineConfig, SamplingParams
 from deltaserve.engine.detokenizer import Detokenizer
 from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob, TopLogprob
-from deltaserve.engine.sampler import logprobs, penalize, sample
+from deltaserve.engine.sampler import logprobs, process_logits, sample
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.slot_bank import LoadPlan
 from deltaserve.engine.sequence import Sequence
@@ -54,6 +54,9 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
         if not -1 <= slot < self.config.max_slots:
             raise ValueError(f"slot {slot} outside [-1, {self.config.max_slots})")
+        for name in ("logit_bias", "stop_token_ids"):
+            if any(t >= self.vocab_size for t in getattr(params, name)):
+                raise ValueError(f"{name} token ids must be in [0, {self.vocab_size})")
         longest = min(n + params.max_tokens, self.config.max_model_len)
         if -(-longest // self.config.block_size) > self.blocks.num_blocks:
             raise ValueError(f"{longest} tokens do not fit the KV cache ({self.blocks.num_blocks} blocks of "
@@ -98,8 +101,9 @@ class LLMEngine:
         if not sampling:
             return []
         params = [s.params for s in sampling]
-        penalized = penalize(logits, params, [s.token_ids for s in sampling], [s.num_prompt_tokens for s in sampling])
-        tokens = sample(penalized, params, [s.generator for s in sampling])
+        shaped = process_logits(logits, params, [s.token_ids for s in sampling],
+                                [s.num_prompt_tokens for s in sampling], self.eos_token_ids)
+        tokens = sample(shaped, params, [s.generator for s in sampling])
         want = [s.params.logprobs for s in sampling if s.params.logprobs is not None]
         # One device-to-host copy for the whole batch, not one per row.
         lp = tuple(t.tolist() for t in logprobs(logits, tokens, max(want))) if want else None

@@ -1,5 +1,5 @@
-"""Batched sampling: repetition, presence and frequency penalties, then temperature, top-k, top-p per row, each
-row drawing from its own seeded generator."""
+"""Batched sampling: penalties, logit_bias and min_tokens shape the logits, then temperature, top-k, top-p per row,
+each row drawing from its own seeded generator."""
 from __future__ import annotations
 
 import torch
@@ -35,37 +35,61 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     return tokens.index_copy_(0, rows, order.gather(1, choices[:, None]).squeeze(1))
 
 
-def penalize(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
-             prompt_lens: list[int]) -> torch.Tensor:
-    """logits fp32 [B, V] with each row's penalties applied (a new tensor; the same one if no row has any), as vLLM
-    applies them: the repetition penalty on every token of the row's prompt or output, then minus the frequency
-    penalty times each token's count in the output and minus the presence penalty once per token in it.
+def process_logits(logits: torch.Tensor, params: list[SamplingParams], token_ids: list[list[int]],
+                   prompt_lens: list[int], eos_token_ids: list[int]) -> torch.Tensor:
+    """logits fp32 [B, V] as each row's request shapes them before sampling (a new tensor; the same one if no row
+    asks for anything), in vLLM's order: the repetition penalty on every token of the row's prompt or output, minus
+    the frequency penalty times each token's count in the output and minus the presence penalty once per token in
+    it; plus logit_bias; then, before min_tokens, EOS (unless ignored) and stop_token_ids masked out.
     token_ids: each row's prompt then output tokens, the first prompt_lens of them the prompt's."""
-    rows = [i for i, p in enumerate(params) if p.penalized]
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
-    device, vocab = logits.device, logits.shape[-1]
+    device = logits.device
     picked = [params[i] for i in rows]
-    # Every (row, token) occurrence as flat index lists, output tokens and prompt tokens apart (only the repetition
-    # penalty looks at the prompt's); uploaded at once, counted on the device.
-    outputs = [token_ids[i][prompt_lens[i]:] for i in rows]
-    prompts = [token_ids[i][:prompt_lens[i]] for i in rows]
-    out_row = [j for j, ids in enumerate(outputs) for _ in ids]
+    (index,) = upload_lists([rows], device)
+    part = logits.index_select(0, index)
+    penalized = [(j, i) for j, (i, p) in enumerate(zip(rows, picked)) if p.penalized]
+    if penalized:
+        part = _penalize(part, [j for j, _ in penalized], [params[i] for _, i in penalized],
+                         [token_ids[i][prompt_lens[i]:] for _, i in penalized],
+                         [token_ids[i][:prompt_lens[i]] for _, i in penalized])
+    # logit_bias and the min_tokens mask as flat (row, token, value) lists, added at once.
+    bias = [(j, t, b) for j, p in enumerate(picked) for t, b in p.logit_bias.items()]
+    for j, (i, p) in enumerate(zip(rows, picked)):
+        if len(token_ids[i]) - prompt_lens[i] < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_token_ids))
+            bias += [(j, t, float("-inf")) for t in banned]
+    if bias:
+        bias_rows, bias_tokens = upload_lists([[j for j, _, _ in bias], [t for _, t, _ in bias]], device)
+        (values,) = upload_lists([[b for _, _, b in bias]], device, torch.float32)
+        part.index_put_((bias_rows, bias_tokens), values, accumulate=True)
+    return logits.index_copy(0, index, part)
+
+
+def _penalize(part: torch.Tensor, at: list[int], params: list[SamplingParams], outputs: list[list[int]],
+              prompts: list[list[int]]) -> torch.Tensor:
+    """part's rows `at` with their penalties (see process_logits). Every (row, token) occurrence goes up as flat
+    index lists, output and prompt tokens apart (only the repetition penalty looks at the prompt's), counted on the
+    device."""
+    device, vocab = part.device, part.shape[-1]
+    out_row = [k for k, ids in enumerate(outputs) for _ in ids]
     out_tok = [t for ids in outputs for t in ids]
-    prompt_row = [j for j, ids in enumerate(prompts) for _ in ids]
+    prompt_row = [k for k, ids in enumerate(prompts) for _ in ids]
     prompt_tok = [t for ids in prompts for t in ids]
-    row_ids, tok_ids, prompt_rows, prompt_toks, index = upload_lists(
-        [out_row, out_tok, prompt_row, prompt_tok, rows], device)
-    rep, freq, pres = upload_lists([[p.repetition_penalty for p in picked], [p.frequency_penalty for p in picked],
-                                    [p.presence_penalty for p in picked]], device, torch.float32)
-    counts = torch.zeros(len(rows), vocab, device=device)
+    row_ids, tok_ids, prompt_rows, prompt_toks, rows = upload_lists([out_row, out_tok, prompt_row, prompt_tok, at],
+                                                                    device)
+    rep, freq, pres = upload_lists([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                                    [p.presence_penalty for p in params]], device, torch.float32)
+    counts = torch.zeros(len(at), vocab, device=device)
     counts.index_put_((row_ids, tok_ids), torch.ones_like(tok_ids, dtype=counts.dtype), accumulate=True)
     seen = counts > 0
     seen.index_put_((prompt_rows, prompt_toks), torch.ones_like(prompt_toks, dtype=torch.bool))
-    part = logits.index_select(0, index)
-    part = torch.where(seen, torch.where(part > 0, part / rep[:, None], part * rep[:, None]), part)
-    part = part - freq[:, None] * counts - pres[:, None] * (counts > 0)
-    return logits.index_copy(0, index, part)
+    rows_logits = part.index_select(0, rows)
+    rows_logits = torch.where(seen, torch.where(rows_logits > 0, rows_logits / rep[:, None],
+                                                rows_logits * rep[:, None]), rows_logits)
+    rows_logits = rows_logits - freq[:, None] * counts - pres[:, None] * (counts > 0)
+    return part.index_copy(0, rows, rows_logits)
 
 
 def logprobs(logits: torch.Tensor, chosen: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -85,6 +85,9 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         raise bad_request(f"This model's maximum context length is {limit} tokens; {longest} in the prompt plus "
                           f"{max_tokens} requested is {longest + max_tokens}. Lower max_tokens.",
                           param="max_tokens", code="context_length_exceeded")
+    if body.min_tokens > max_tokens:
+        raise bad_request(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens}).",
+                          param="min_tokens")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -92,7 +95,22 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         top_k=body.top_k, seed=body.seed, stop=body.stop, logprobs=body.logprobs_count(),
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty,
+        logit_bias=_token_ids(state, body.logit_bias or {}, "logit_bias"), min_tokens=body.min_tokens,
+        stop_token_ids=list(_token_ids(state, dict.fromkeys(body.stop_token_ids or []), "stop_token_ids")),
     )
+
+
+def _token_ids(state: ServerState, by_id: dict, param: str) -> dict:
+    """by_id with its keys as the model's token ids (OpenAI sends logit_bias' as text): a 400 naming `param` for a
+    key that is no token id of this model."""
+    vocab = state.engine.vocab_size
+    out = {}
+    for key, value in by_id.items():
+        token = int(key) if isinstance(key, int) or str(key).isdigit() else -1
+        if not 0 <= token < vocab:
+            raise bad_request(f"{param}: {key!r} is not a token id of this model (0 to {vocab - 1}).", param=param)
+        out[token] = value
+    return out
 
 
 async def _serve(state: ServerState, request: Request, body: SamplingFields, renderer, make_prompts, endpoint: str):

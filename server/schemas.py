@@ -1,8 +1,9 @@
 """Pydantic schemas of the OpenAI API subset we serve (requests and responses).
 
 Requests forbid unknown fields, as OpenAI does ("Unrecognized request argument supplied"): a misspelt
-parameter must fail loudly rather than be ignored. ``top_k``, ``repetition_penalty`` and ``ignore_eos`` are
-vLLM's extensions, reachable from the openai client through ``extra_body``.
+parameter must fail loudly rather than be ignored. ``top_k``, ``repetition_penalty``, ``min_tokens``,
+``stop_token_ids`` and ``ignore_eos`` are vLLM's extensions, reachable from the openai client through
+``extra_body``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class SamplingFields(Strict):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] = 1.0
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None   # token id (as text) -> bias
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     ignore_eos: bool = False
 
     @field_validator("stop")

@@ -185,7 +185,8 @@ def test_usage_logprobs_n_seed(served):
 
 def test_penalties_reach_the_engine(served, expected):
     """presence_penalty and frequency_penalty (OpenAI's) and repetition_penalty (vLLM's, through extra_body) give
-    the engine's own penalized tokens; out-of-range values are 400s naming the parameter, null means 0."""
+    the engine's own penalized tokens; null means 0; out-of-range values of these and of logit_bias, stop_token_ids
+    and min_tokens are 400s naming the parameter."""
     server, keys = served
     client = server.openai(keys["beta"])
     reply = client.completions.create(model="beta", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
@@ -198,9 +199,30 @@ def test_penalties_reach_the_engine(served, expected):
         body = {"model": "beta", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}
         plain = http.post("/v1/completions", json={**body, "presence_penalty": None, "frequency_penalty": None})
         assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == expected[("beta", "completion")]
-        for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0)):
+        for name, value in (("presence_penalty", 2.5), ("frequency_penalty", -2.1), ("repetition_penalty", 0),
+                            ("logit_bias", {"5": 101}), ("logit_bias", {"five": 1}), ("logit_bias", {"99999999": 1}),
+                            ("stop_token_ids", [99999999]), ("min_tokens", MAX_TOKENS + 1)):
             error = _error(http.post("/v1/completions", json={**body, name: value}), 400)
-            assert error["param"] == name, error
+            assert error["param"].split(".")[0] == name, error   # a bias' own key after the dot
+
+
+def test_logit_bias_and_min_tokens(served):
+    """OpenAI's logit_bias (token ids as text) pins a greedy answer to the biased token; vLLM's min_tokens holds off
+    a stop token until that many tokens."""
+    server, keys = served
+    client = server.openai(keys["gamma"])
+    plain = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    biased = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0,
+                                       logit_bias={"42": 100})
+    assert len(set(biased.choices[0].logprobs.tokens)) == 1 and biased.usage.completion_tokens == 4
+    assert biased.choices[0].logprobs.tokens != plain.choices[0].logprobs.tokens
+    # Stopping on token 42 (pinned by the bias) ends the answer at once, unless min_tokens holds it off.
+    stop = {"logit_bias": {"42": 100}, "stop_token_ids": [42]}
+    first = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=8, temperature=0, extra_body=stop)
+    held = client.completions.create(model="gamma", prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={**stop, "min_tokens": 3})
+    assert (first.usage.completion_tokens, first.choices[0].finish_reason) == (1, "stop")
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
 
 
 def _error(response, status: int, code: str | None = None) -> dict:
