@@ -70,7 +70,7 @@ class SamplingParams:
     ignore_eos: bool = False
     # OpenAI's penalties on tokens already generated (subtracted from their logits: presence once, frequency per
     # occurrence) and vLLM's repetition penalty on tokens of the prompt or output (positive logits divided by it,
-    # negative ones multiplied); sampler.penalize applies them.
+    # negative ones multiplied); sampler.process_logits applies them, logit_bias and min_tokens.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0     # 1 = off

@@ -95,22 +95,19 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         top_k=body.top_k, seed=body.seed, stop=body.stop, logprobs=body.logprobs_count(),
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty,
-        logit_bias=_token_ids(state, body.logit_bias or {}, "logit_bias"), min_tokens=body.min_tokens,
-        stop_token_ids=list(_token_ids(state, dict.fromkeys(body.stop_token_ids or []), "stop_token_ids")),
+        logit_bias={_token_id(state, key, "logit_bias"): bias for key, bias in (body.logit_bias or {}).items()},
+        min_tokens=body.min_tokens,
+        stop_token_ids=[_token_id(state, token, "stop_token_ids") for token in body.stop_token_ids or []],
     )
 
 
-def _token_ids(state: ServerState, by_id: dict, param: str) -> dict:
-    """by_id with its keys as the model's token ids (OpenAI sends logit_bias' as text): a 400 naming `param` for a
-    key that is no token id of this model."""
+def _token_id(state: ServerState, key: str | int, param: str) -> int:
+    """key as a token id of this model (OpenAI sends logit_bias' keys as text); a 400 naming `param` if it is none."""
     vocab = state.engine.vocab_size
-    out = {}
-    for key, value in by_id.items():
-        token = int(key) if isinstance(key, int) or str(key).isdigit() else -1
-        if not 0 <= token < vocab:
-            raise bad_request(f"{param}: {key!r} is not a token id of this model (0 to {vocab - 1}).", param=param)
-        out[token] = value
-    return out
+    token = int(key) if str(key).isdigit() else -1
+    if not 0 <= token < vocab:
+        raise bad_request(f"{param}: {key!r} is not a token id of this model (0 to {vocab - 1}).", param=param)
+    return token
 
 
 async def _serve(state: ServerState, request: Request, body: SamplingFields, renderer, make_prompts, endpoint: str):
