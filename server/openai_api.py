@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions (whole or SSE-streamed) and /v1/models."""
+"""OpenAI-compatible routes: /v1/chat/completions, /v1/completions (whole or SSE-streamed), /v1/models and
+/v1/models/{model}."""
 from __future__ import annotations
 
 import json
@@ -43,10 +44,8 @@ def resolve_tenant(state: ServerState, caller: Caller, model: str) -> str | None
     return None if model == state.base_name else model
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> ModelList:
-    state = app_state(request)
-    caller = state.auth.client(request)
+def _model_cards(state: ServerState, caller: Caller) -> list[ModelCard]:
+    """The models this caller may use: the base (if its key may), then every servable tenant it may."""
     base = state.base_name
     cards = [ModelCard(id=base, created=state.started_at, root=base)]
     for tenant in servable_tenants(state):
@@ -54,7 +53,23 @@ async def list_models(request: Request) -> ModelList:
             cards.append(ModelCard(id=tenant.name, created=int(tenant.created), root=base, parent=base))
     if not state.auth.may_use(caller, base, base):
         cards = cards[1:]
-    return ModelList(data=cards)
+    return cards
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    state = app_state(request)
+    return ModelList(data=_model_cards(state, state.auth.client(request)))
+
+
+@router.get("/v1/models/{model:path}")  # a base model's name may hold a slash (org/name)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """One model's card; 404 for a model this caller cannot see (unknown or another tenant's), as OpenAI answers."""
+    state = app_state(request)
+    for card in _model_cards(state, state.auth.client(request)):
+        if card.id == model:
+            return card
+    raise model_not_found(model)
 
 
 @router.post("/v1/chat/completions")

@@ -118,6 +118,12 @@ def test_models_list_per_caller(served):
     cards = server.openai(keys["beta"]).models.list().data
     assert [c.id for c in cards] == [base, "beta"]
     assert cards[1].parent == base and cards[1].root == base and cards[0].parent is None
+    beta = server.openai(keys["beta"])
+    assert beta.models.retrieve("beta") == cards[1] and beta.models.retrieve(base) == cards[0]
+    for hidden in ("gamma", "nobody"):   # another tenant's model is as unknown to this key as a missing one
+        with pytest.raises(openai.NotFoundError):
+            beta.models.retrieve(hidden)
+    assert server.openai(ADMIN_KEY).models.retrieve("gamma").id == "gamma"
 
 
 def test_stream_usage_chunks_and_done(served):
