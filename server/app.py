@@ -20,7 +20,7 @@ from deltaserve.delta_store.registry import TenantNotFound, TenantStore
 from deltaserve.delta_store.tiers import DeltaCache
 from deltaserve.engine import AsyncEngine
 
-from . import admin_api, lora_api, openai_api
+from . import admin_api, lora_api, openai_api, tokenize_api
 from .admin_api import install_delta, uploads_dir
 from .auth import Authenticator
 from .config import ServerConfig
@@ -57,6 +57,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     install_error_handlers(app, on_error=count_error)
     app.include_router(openai_api.router)
     app.include_router(lora_api.router)
+    app.include_router(tokenize_api.router)
     app.include_router(admin_api.router)
 
     @app.get("/health")

@@ -231,6 +231,30 @@ def test_logit_bias_and_min_tokens(served):
     assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
 
 
+def test_tokenize_and_detokenize(served, tiny_base):
+    """vLLM's /tokenize gives the ids a completion or chat request would run on (the server's own prompt paths),
+    /detokenize their text; the key must be one that may use the model; bad input is a 400 naming its field."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    server, keys = served
+    with server.http(keys["alpha"]) as http:
+        got = http.post("/tokenize", json={"model": "alpha", "prompt": PROMPT}).json()
+        assert got["tokens"] == completion_prompt_ids(tokenizer, PROMPT)[0] and got["count"] == len(got["tokens"])
+        assert got["max_model_len"] == server.state.config.engine.max_model_len
+        chat = http.post("/tokenize", json={"model": "alpha", "messages": CHAT}).json()
+        assert chat["tokens"] == chat_prompt_ids(tokenizer, [ChatMessage(**m) for m in CHAT])
+        bare = http.post("/tokenize", json={"model": "alpha", "prompt": PROMPT, "add_special_tokens": False}).json()
+        text = http.post("/detokenize", json={"model": "alpha", "tokens": bare["tokens"]}).json()
+        assert text == {"prompt": tokenizer.decode(bare["tokens"])} and PROMPT in text["prompt"]
+        _error(http.post("/tokenize", json={"model": "beta", "prompt": PROMPT}), 403, "model_not_permitted")
+        _error(http.post("/tokenize", json={"model": "nobody", "prompt": PROMPT}), 404, "model_not_found")
+        _error(http.post("/tokenize", json={"model": "alpha", "prompt": PROMPT, "messages": CHAT}), 400)
+        error = _error(http.post("/detokenize", json={"model": "alpha", "tokens": [1, 10 ** 9]}), 400)
+        assert error["param"] == "tokens"
+    with server.http(None) as anonymous:
+        _error(anonymous.post("/tokenize", json={"model": "alpha", "prompt": PROMPT}), 401, "missing_api_key")
+
+
 def _error(response, status: int, code: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
