@@ -92,8 +92,11 @@ class BlockManager:
         seq.block_names = []
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Blocks of the longest cached prefix; never the last token, which must be fed to sample from."""
+        """Blocks of the longest cached prefix; never the last token, which must be fed to sample from. None for a
+        request that scores its prompt (prompt_logprobs): every prompt token must pass through the model."""
         blocks: list[int] = []
+        if seq.prompt_logprobs is not None:
+            return blocks
         name = hash(seq.cache_key)
         for i in range((len(seq) - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])

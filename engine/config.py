@@ -67,6 +67,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None         # None: no logprobs; n: the chosen token's and the top n alternatives'
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI's echo); such a
+                                        # request computes its whole prompt (no prefix cache)
     ignore_eos: bool = False
     # OpenAI's penalties on tokens already generated (subtracted from their logits: presence once, frequency per
     # occurrence) and vLLM's repetition penalty on tokens of the prompt or output (positive logits divided by it,
@@ -87,8 +89,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) <= 20:
+                raise ValueError(f"{name} must be in [0, 20], got {getattr(self, name)}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -73,6 +73,9 @@ class LLMEngine:
         detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
         generation = self.runner.bank.generation[slot] if slot >= 0 else 0
         seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer, (slot, generation))
+        if params.prompt_logprobs is not None:
+            first = prompt_token_ids[0]
+            seq.prompt_logprobs = [TokenLogprob(first, self.tokenizer.decode([first]), None)]
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -93,7 +96,9 @@ class LLMEngine:
         if not batch.seqs:
             return []
         num_prefill = batch.num_prefill_tokens
-        sampling, logits = self.runner.run(batch)
+        sampling, logits, prompt_logits = self.runner.run(batch)
+        for seq, scores in prompt_logits:
+            self._score_prompt(seq, scores)
         for seq, n in zip(batch.seqs, batch.num_tokens):
             seq.num_computed += n
             self.blocks.register(seq)
@@ -130,8 +135,19 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob] | None,
                 reason: FinishReason | None) -> RequestOutput:
+        first = seq.num_completion_tokens == 1 and len(tokens) == 1
         return RequestOutput(seq.request_id, tokens, seq.detokenizer.take(reason is not None), lps,
-                             reason is not None, reason, seq.num_prompt_tokens, seq.num_completion_tokens)
+                             reason is not None, reason, seq.num_prompt_tokens, seq.num_completion_tokens,
+                             seq.prompt_logprobs if first else None)
+
+    def _score_prompt(self, seq: Sequence, scores: torch.Tensor) -> None:
+        """Append the entries of the prompt tokens that `scores` (fp32 [k, vocab], from ModelRunner.run) predict."""
+        done = len(seq.prompt_logprobs)
+        tokens = seq.token_ids[done:done + scores.shape[0]]
+        chosen = torch.tensor(tokens, device=scores.device)
+        lp = tuple(t.tolist() for t in logprobs(scores, chosen, seq.params.prompt_logprobs))
+        seq.prompt_logprobs += [self._logprob_entry(lp, i, token, seq.params.prompt_logprobs)
+                                for i, token in enumerate(tokens)]
 
     def _logprob_entry(self, lp: tuple[list, list, list], row: int, token: int,
                        top_n: int | None) -> TokenLogprob | None:

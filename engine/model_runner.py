@@ -83,14 +83,17 @@ class ModelRunner:
         return int(usable // self.block_bytes)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Feed every scheduled chunk; returns the sequences that sample now and their fp32 logits [B, vocab]."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor | None,
+                                                  list[tuple[Sequence, torch.Tensor]]]:
+        """Feed every scheduled chunk; returns the sequences that sample now, their fp32 logits [B, vocab], and for
+        each sequence scoring its prompt (prompt_logprobs) the fp32 logits [k, vocab] that predict its next k
+        unscored prompt tokens."""
         seqs, lens = batch.seqs, batch.num_tokens
         if self.graphs is not None and all(n == 1 and seq.num_computed + 1 == len(seq) for seq, n in zip(seqs, lens)):
             slots = [seq.slot for seq in seqs]
             if self.graphs.can_run(slots):
                 return seqs, self.graphs.run([seq.token_ids[-1] for seq in seqs], [len(seq) for seq in seqs],
-                                             [seq.block_table for seq in seqs], slots)
+                                             [seq.block_table for seq in seqs], slots), []
         token_ids = [t for seq, n in zip(seqs, lens) for t in seq.token_ids[seq.num_computed : seq.num_computed + n]]
         attn = AttentionMetadata.build(lens, [seq.num_computed + n for seq, n in zip(seqs, lens)],
                                        [seq.block_table for seq in seqs], self.config.block_size, self.device)
@@ -109,7 +112,30 @@ class ModelRunner:
         sample_rows = rows if all_decodes else self.bank.rows([seq.slot for seq in sampling])
         ids, picks = upload_lists([token_ids, last_rows], self.device)
         hidden = self.model(ids, self.kv_caches, attn, rows)
+        prompt_logits = self._prompt_logits(seqs, lens, hidden)
         if not sampling:
-            return [], None
+            return [], None, prompt_logits
         picked = hidden if all_decodes else hidden.index_select(0, picks)
-        return sampling, self.model.logits(picked, sample_rows)
+        return sampling, self.model.logits(picked, sample_rows), prompt_logits
+
+    def _prompt_logits(self, seqs: list[Sequence], lens: list[int], hidden: torch.Tensor
+                       ) -> list[tuple[Sequence, torch.Tensor]]:
+        """Logits of the chunk rows that predict a prompt token not yet scored, for sequences that want
+        prompt_logprobs: row p of a chunk predicts token p + 1 (a recomputed chunk after preemption scores
+        nothing twice)."""
+        wanted, chunk_rows, slots = [], [], []
+        start = 0
+        for seq, n in zip(seqs, lens):
+            if seq.prompt_logprobs is not None:
+                first = max(seq.num_computed, len(seq.prompt_logprobs) - 1)    # position predicting the next unscored
+                last = min(seq.num_computed + n, seq.num_prompt_tokens - 1)     # the last prompt token predicts none
+                if first < last:
+                    wanted.append((seq, last - first))
+                    chunk_rows += range(start + first - seq.num_computed, start + last - seq.num_computed)
+                    slots += [seq.slot] * (last - first)
+            start += n
+        if not wanted:
+            return []
+        (at,) = upload_lists([chunk_rows], self.device)
+        logits = self.model.logits(hidden.index_select(0, at), self.bank.rows(slots))
+        return list(zip([seq for seq, _ in wanted], logits.split([k for _, k in wanted])))

@@ -20,7 +20,7 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None           # None only for a prompt's first token, which nothing predicts
     top_logprobs: list[TopLogprob] = field(default_factory=list)   # the `logprobs` most likely, best first
 
 
@@ -36,6 +36,8 @@ class RequestOutput:
     finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_completion_tokens: int      # total so far, not only this delta
+    # With the first token only, for a request with prompt_logprobs: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)

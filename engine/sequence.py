@@ -38,6 +38,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.cache_key = cache_key          # (slot, its load generation): whose K/V these blocks hold
         self.block_names: list[int] = []    # prefix-cache names of the filled blocks (see BlockManager)
+        # Prompt tokens' logprobs so far (params.prompt_logprobs; LLMEngine.add_request writes the first token's,
+        # whose logprob is None), sent with the first output.
+        self.prompt_logprobs: list | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -18,7 +18,7 @@ from .auth import Caller
 from .disconnect import unless_disconnected
 from .errors import APIError, bad_request, internal_error, model_not_found
 from .generation import GenerationJob
-from .prompting import chat_prompt_ids, completion_prompt_ids
+from .prompting import chat_prompt_ids, completion_echo_texts, completion_prompt_ids
 from .renderers import ChatRenderer, ChoiceState, CompletionRenderer, usage_of
 from .schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, SamplingFields
 from .state import ServerState, app_state
@@ -82,7 +82,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = app_state(request)
-    return await _serve(state, request, body, CompletionRenderer(),
+    echo = completion_echo_texts(state.engine.tokenizer, body.prompt) if body.echo else None
+    return await _serve(state, request, body, CompletionRenderer(echo, body.n),
                         lambda tok: completion_prompt_ids(tok, body.prompt), "completions")
 
 
@@ -108,6 +109,7 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k, seed=body.seed, stop=body.stop, logprobs=body.logprobs_count(),
+        prompt_logprobs=body.logprobs_count() if isinstance(body, CompletionRequest) and body.echo else None,
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty,
         logit_bias={_token_id(state, key, "logit_bias"): bias for key, bias in (body.logit_bias or {}).items()},
@@ -193,6 +195,8 @@ async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
 
 def _absorb(choice: ChoiceState, out) -> None:
     choice.started = True
+    if out.prompt_logprobs is not None:
+        choice.prompt_logprobs = out.prompt_logprobs
     choice.text += out.new_text
     choice.logprobs.extend(out.logprobs or [])
     if out.finished:

@@ -16,12 +16,19 @@ def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The request's prompts one by one, each text or token ids."""
+    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+        return [prompt]
+    return list(prompt)
+
+
 def completion_prompt_ids(tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif all(isinstance(item, int) for item in prompt):
-        prompts = [prompt]
-    else:
-        prompts = list(prompt)
     # Token ids are checked by the engine (range, emptiness), which answers ValueError -> 400.
-    return [tokenizer(item)["input_ids"] if isinstance(item, str) else list(item) for item in prompts]
+    return [tokenizer(item)["input_ids"] if isinstance(item, str) else list(item)
+            for item in _completion_prompts(prompt)]
+
+
+def completion_echo_texts(tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    """What OpenAI's echo puts before each prompt's completions: the prompt as sent, token ids as their text."""
+    return [item if isinstance(item, str) else tokenizer.decode(item) for item in _completion_prompts(prompt)]

@@ -18,6 +18,7 @@ class ChoiceState:
 
     text: str = ""
     logprobs: list = field(default_factory=list)   # engine TokenLogprob per generated token
+    prompt_logprobs: list | None = None            # engine TokenLogprob per prompt token (echo with logprobs)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_completion_tokens: int = 0
@@ -62,7 +63,13 @@ class ChatRenderer:
 
 
 class CompletionRenderer:
+    """echo_texts: with OpenAI's echo, each prompt's text, which its choices' text starts with (and with logprobs,
+    the prompt tokens' entries their logprobs); n: choices per prompt."""
+
     object_prefix = "cmpl"
+
+    def __init__(self, echo_texts: list[str] | None = None, n: int = 1):
+        self.echo_texts, self.n = echo_texts, n
 
     def logprobs(self, entries: list, text_start: int) -> CompletionLogprobs:
         tokens, offsets = [], []
@@ -71,22 +78,30 @@ class CompletionRenderer:
             tokens.append(e.token)
             offsets.append(offset)
             offset += len(e.token)
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries],
-                                  top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        tops = [None if e.logprob is None else {t.token: t.logprob for t in e.top_logprobs} for e in entries]
+        return CompletionLogprobs(tokens=tokens, token_logprobs=[e.logprob for e in entries], top_logprobs=tops,
                                   text_offset=offsets)
+
+    def _echo(self, index: int) -> str:
+        return self.echo_texts[index // self.n] if self.echo_texts is not None else ""
 
     def response(self, rid: str, created: int, model: str, choices: dict[int, ChoiceState], n: int,
                  want_logprobs: bool) -> Completion:
         return Completion(id=rid, created=created, model=model, usage=usage_of(choices, n), choices=[
-            CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                             logprobs=self.logprobs(c.logprobs, 0) if want_logprobs else None)
+            CompletionChoice(index=i, text=self._echo(i) + c.text, finish_reason=c.finish_reason,
+                             logprobs=self.logprobs((c.prompt_logprobs or []) + c.logprobs, 0) if want_logprobs
+                             else None)
             for i, c in sorted(choices.items())])
 
     def chunk(self, rid: str, created: int, model: str, index: int, out, sofar: ChoiceState,
               want_logprobs: bool) -> Completion:
-        choice = CompletionChoice(index=index, text=out.new_text,
+        # An echoed prompt leads the choice's first chunk.
+        echo = "" if sofar.started else self._echo(index)
+        entries = ((out.prompt_logprobs or []) if not sofar.started else []) + (out.logprobs or [])
+        text_start = 0 if not sofar.started else len(self._echo(index)) + len(sofar.text)
+        choice = CompletionChoice(index=index, text=echo + out.new_text,
                                   finish_reason=out.finish_reason if out.finished else None,
-                                  logprobs=self.logprobs(out.logprobs or [], len(sofar.text)) if want_logprobs else None)
+                                  logprobs=self.logprobs(entries, text_start) if want_logprobs else None)
         return Completion(id=rid, created=created, model=model, choices=[choice])
 
     def usage_chunk(self, rid: str, created: int, model: str, usage: Usage) -> Completion:

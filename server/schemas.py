@@ -105,6 +105,7 @@ class CompletionRequest(SamplingFields):
     prompt: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] \
         | Annotated[list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    echo: bool = False      # the prompt before the completion, and with logprobs the prompt tokens' too
 
     def token_limit(self) -> int | None:
         return self.max_tokens
@@ -138,8 +139,8 @@ class ChatLogprobs(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]              # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -142,6 +142,24 @@ def test_penalties_steer_greedy_decoding_as_references_do(tenants):
     assert len({tuple(tokens) for tokens in out.values()}) == len(out), "each penalty changes this model's tokens"
 
 
+def test_prompt_logprobs_match_the_merged_model(tenants):
+    """A tenant's prompt logprobs (OpenAI's echo) over a prompt longer than one prefill chunk equal the merged
+    model's log-softmax at every prompt position (the first token has none), with the top alternatives best first;
+    a repeat of the prompt scores every token again instead of taking the prefix cache."""
+    engine = make_engine(tenants)      # 16 tokens a step: this prompt takes two chunks
+    prompt, slot = [(7 * i + 3) % 200 + 5 for i in range(23)], 1
+    with torch.no_grad():
+        want = merged_model(tenants, slot)(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for request in ("first", "again"):
+        (first, *_) = collect(engine, request, prompt, dataclasses.replace(greedy(2), prompt_logprobs=2), slot)
+        entries = first.prompt_logprobs
+        assert [e.token_id for e in entries] == prompt and entries[0].logprob is None
+        got = torch.tensor([e.logprob for e in entries[1:]])
+        torch.testing.assert_close(got, want[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1))
+        for e, row in zip(entries[1:], want):
+            assert [t.token_id for t in e.top_logprobs] == row.topk(2).indices.tolist()
+
+
 def test_bad_requests_and_deltas_are_refused(tenants):
     engine = make_engine(tenants, max_model_len=40)
     with pytest.raises(ValueError, match="slot 7"):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 from server_harness import ADMIN_KEY, REPO, LiveServer, tiny_config
 from store_deltas import make_delta
 
@@ -229,6 +230,32 @@ def test_logit_bias_and_min_tokens(served):
                                      extra_body={**stop, "min_tokens": 3})
     assert (first.usage.completion_tokens, first.choices[0].finish_reason) == (1, "stop")
     assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+
+
+def test_echo_with_logprobs_scores_the_prompt(served, tiny_base):
+    """OpenAI's echo (what lm-evaluation-harness sends to score a text): the choice's text starts with the prompt,
+    and with logprobs the prompt tokens come first, the first without a logprob, the rest the base model's own
+    log-softmax; streamed as whole. Without logprobs, echo adds only the text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    server, _ = served
+    client, base = server.openai(ADMIN_KEY), server.state.base_name
+    ids = completion_prompt_ids(AutoTokenizer.from_pretrained(tiny_base), PROMPT)[0]
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+        want = model(torch.tensor([ids])).logits[0].log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])
+    args = dict(model=base, prompt=PROMPT, max_tokens=3, temperature=0)
+    echoed = client.completions.create(**args, echo=True, logprobs=1).choices[0]
+    plain = client.completions.create(**args, logprobs=1).choices[0]
+    assert echoed.text == PROMPT + plain.text
+    lp = echoed.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.tokens[len(ids):] == plain.logprobs.tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(ids)]), want.squeeze(1), atol=1e-4, rtol=0)
+    assert lp.token_logprobs[len(ids):] == plain.logprobs.token_logprobs
+    stream = list(client.completions.create(**args, echo=True, logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.text
+    assert sum((c.choices[0].logprobs.token_logprobs for c in stream if c.choices), []) == lp.token_logprobs
+    assert client.completions.create(**args, echo=True).choices[0].text == echoed.text
 
 
 def test_tokenize_and_detokenize(served, tiny_base):
