@@ -68,7 +68,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None         # None: no logprobs; n: the chosen token's and the top n alternatives'
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (OpenAI's echo); such a
-                                        # request computes its whole prompt (no prefix cache)
+                                        # request computes its whole prompt (no prefix cache), and with
+                                        # max_tokens 0 ends there (scoring only)
     ignore_eos: bool = False
     # OpenAI's penalties on tokens already generated (subtracted from their logits: presence once, frequency per
     # occurrence) and vLLM's repetition penalty on tokens of the prompt or output (positive logits divided by it,
@@ -81,8 +82,9 @@ class SamplingParams:
                                         # still end a request)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be >= 1 (0 only to score the prompt, with prompt_logprobs), got "
+                             f"{self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

@@ -81,11 +81,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; its final output (finish_reason "abort"), or None if unknown."""
-        seq = self.seqs.pop(request_id, None)
-        if seq is None:
-            return None
-        self.scheduler.finish(seq)
-        return self._output(seq, [], None, "abort")
+        seq = self.seqs.get(request_id)
+        return None if seq is None else self._finish(seq, "abort")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -115,6 +112,9 @@ class LLMEngine:
         token_list = tokens.tolist()
         outputs = []
         for i, (seq, token) in enumerate(zip(sampling, token_list)):
+            if seq.params.max_tokens == 0:   # scoring only: done once the prompt is scored; the token is dropped
+                outputs.append(self._finish(seq, "length", seq.prompt_logprobs))
+                continue
             entry = self._logprob_entry(lp, i, token, seq.params.logprobs) if lp is not None else None
             outputs.append(self._append(seq, token, entry))
         return outputs
@@ -131,14 +131,21 @@ class LLMEngine:
         if reason is not None:
             self.seqs.pop(seq.request_id, None)
             self.scheduler.finish(seq)
-        return self._output(seq, [token], [entry] if entry else None, reason)
+        return self._output(seq, [token], [entry] if entry else None, reason,
+                            seq.prompt_logprobs if seq.num_completion_tokens == 1 else None)
+
+    def _finish(self, seq: Sequence, reason: FinishReason,
+                prompt_logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        """End a request with no new token (an abort, or a scoring-only request with its prompt's logprobs)."""
+        self.seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
+        return self._output(seq, [], None, reason, prompt_logprobs)
 
     def _output(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprob] | None,
-                reason: FinishReason | None) -> RequestOutput:
-        first = seq.num_completion_tokens == 1 and len(tokens) == 1
+                reason: FinishReason | None, prompt_logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
         return RequestOutput(seq.request_id, tokens, seq.detokenizer.take(reason is not None), lps,
                              reason is not None, reason, seq.num_prompt_tokens, seq.num_completion_tokens,
-                             seq.prompt_logprobs if first else None)
+                             prompt_logprobs)
 
     def _score_prompt(self, seq: Sequence, scores: torch.Tensor) -> None:
         """Append the entries of the prompt tokens that `scores` (fp32 [k, vocab], from ModelRunner.run) predict."""

@@ -109,13 +109,21 @@ def _sampling_params(state: ServerState, body: SamplingFields, prompts: list[lis
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k, seed=body.seed, stop=body.stop, logprobs=body.logprobs_count(),
-        prompt_logprobs=body.logprobs_count() if isinstance(body, CompletionRequest) and body.echo else None,
+        prompt_logprobs=_prompt_logprobs(body, max_tokens),
         ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0, repetition_penalty=body.repetition_penalty,
         logit_bias={_token_id(state, key, "logit_bias"): bias for key, bias in (body.logit_bias or {}).items()},
         min_tokens=body.min_tokens,
         stop_token_ids=[_token_id(state, token, "stop_token_ids") for token in body.stop_token_ids or []],
     )
+
+
+def _prompt_logprobs(body: SamplingFields, max_tokens: int) -> int | None:
+    """The engine's prompt_logprobs: echo with logprobs asks for the prompt tokens' too, and echo with max_tokens 0
+    (scoring only) needs the engine to score the prompt even without them."""
+    if not isinstance(body, CompletionRequest) or not body.echo:
+        return None
+    return body.logprobs if body.logprobs is not None or max_tokens > 0 else 0
 
 
 def _token_id(state: ServerState, key: str | int, param: str) -> int:

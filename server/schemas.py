@@ -106,6 +106,13 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1)]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False      # the prompt before the completion, and with logprobs the prompt tokens' too
+    max_tokens: Annotated[int, Field(ge=0)] | None = None   # 0 only with echo: score the prompt, generate nothing
+
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 scores the prompt only and needs echo to return it")
+        return self
 
     def token_limit(self) -> int | None:
         return self.max_tokens

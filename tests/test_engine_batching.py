@@ -145,7 +145,8 @@ def test_penalties_steer_greedy_decoding_as_references_do(tenants):
 def test_prompt_logprobs_match_the_merged_model(tenants):
     """A tenant's prompt logprobs (OpenAI's echo) over a prompt longer than one prefill chunk equal the merged
     model's log-softmax at every prompt position (the first token has none), with the top alternatives best first;
-    a repeat of the prompt scores every token again instead of taking the prefix cache."""
+    a repeat of the prompt scores every token again instead of taking the prefix cache; with max_tokens 0 the request
+    ends with its prompt scored."""
     engine = make_engine(tenants)      # 16 tokens a step: this prompt takes two chunks
     prompt, slot = [(7 * i + 3) % 200 + 5 for i in range(23)], 1
     with torch.no_grad():
@@ -158,6 +159,13 @@ def test_prompt_logprobs_match_the_merged_model(tenants):
         torch.testing.assert_close(got, want[:-1].gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1))
         for e, row in zip(entries[1:], want):
             assert [t.token_id for t in e.top_logprobs] == row.topk(2).indices.tolist()
+    # max_tokens 0 (scoring only): one final output, no token, the same entries.
+    (only,) = collect(engine, "score", prompt, dataclasses.replace(greedy(1), max_tokens=0, prompt_logprobs=2), slot)
+    assert (only.finished, only.finish_reason, only.new_token_ids) == (True, "length", [])
+    assert only.num_completion_tokens == 0
+    assert [e.logprob for e in only.prompt_logprobs] == [e.logprob for e in entries]
+    with pytest.raises(ValueError, match="max_tokens"):
+        dataclasses.replace(greedy(1), max_tokens=0)
 
 
 def test_bad_requests_and_deltas_are_refused(tenants):

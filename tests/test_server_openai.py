@@ -235,7 +235,8 @@ def test_logit_bias_and_min_tokens(served):
 def test_echo_with_logprobs_scores_the_prompt(served, tiny_base):
     """OpenAI's echo (what lm-evaluation-harness sends to score a text): the choice's text starts with the prompt,
     and with logprobs the prompt tokens come first, the first without a logprob, the rest the base model's own
-    log-softmax; streamed as whole. Without logprobs, echo adds only the text."""
+    log-softmax; streamed as whole. Without logprobs, echo adds only the text; with max_tokens 0 the prompt is
+    scored and nothing generated (0 needs echo)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     server, _ = served
     client, base = server.openai(ADMIN_KEY), server.state.base_name
@@ -256,6 +257,15 @@ def test_echo_with_logprobs_scores_the_prompt(served, tiny_base):
     assert "".join(c.choices[0].text for c in stream if c.choices) == echoed.text
     assert sum((c.choices[0].logprobs.token_logprobs for c in stream if c.choices), []) == lp.token_logprobs
     assert client.completions.create(**args, echo=True).choices[0].text == echoed.text
+    # max_tokens 0: the prompt scored, nothing generated.
+    scored = client.completions.create(**{**args, "max_tokens": 0}, echo=True, logprobs=1)
+    assert scored.choices[0].text == PROMPT and scored.choices[0].finish_reason == "length"
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (len(ids), 0)
+    streamed = list(client.completions.create(**{**args, "max_tokens": 0}, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == PROMPT
+    with pytest.raises(openai.BadRequestError, match="needs echo"):
+        client.completions.create(**{**args, "max_tokens": 0})
 
 
 def test_tokenize_and_detokenize(served, tiny_base):
