@@ -8,6 +8,7 @@ The clock covers decode steps only, after every request's prefill.
 
 Usage: python bench/engine_decode.py --model smollm2|llama2-7b [--device cuda] [--dtype bfloat16]
            [--batches 1,64] [--tenants 0,1,16] [--steps 32] [--prompt-len 128] [--out bench/results]
+           [--profile 1x0,64x1]  (the torch profiler's table of device time by op, for each batch x tenants)
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltaserve_bench"))
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (the eager step, for comparison)")
-    ap.add_argument("--profile", action="store_true", help="also profile batch 1 with one tenant (a .txt table)")
+    ap.add_argument("--profile", default="", help="batch x tenants points to profile after the timed ones (each: "
+                    "engine_profile_{model}_{B}x{T}.txt, ops by device time)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     tenants = [int(t) for t in args.tenants.split(",")]
@@ -86,9 +88,10 @@ def main() -> None:
                 rows.append({"batch": b, "tenants": t, "decode_tok_s": round(rate, 1)})
                 print(json.dumps(rows[-1]), flush=True)
                 write_results(args, engine, dtype, rows)   # after every point: a run cut short keeps its points
-    if args.profile:
-        decode_rate(engine, 1, min(1, max(tenants)), 8, args.prompt_len, vocab,
-                    profile=args.out / f"engine_profile_{args.model}.txt")
+    for point in filter(None, args.profile.split(",")):
+        b, t = (int(n) for n in point.split("x"))
+        decode_rate(engine, b, t, 4, args.prompt_len, vocab)   # warm-up: this mix's graph, outside the profile
+        decode_rate(engine, b, t, 8, args.prompt_len, vocab, profile=args.out / f"engine_profile_{args.model}_{point}.txt")
 
 
 def write_results(args: argparse.Namespace, engine: LLMEngine, dtype: str, rows: list[dict]) -> None:

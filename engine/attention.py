@@ -125,12 +125,10 @@ class _GroupPlan:
                               in_order)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata | DecodeAttention, scale: float) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D]; caches [num_blocks * block_size, KVH, D] -> out [T, H * D]."""
-    # index_copy_ / index_select: several times faster on CPU than advanced-index assignment and gather.
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """q [T, H, D]; caches [num_blocks * block_size, KVH, D], the step's own K/V already written at
+    meta.slot_mapping (kernels/rotary_cache.py) -> out [T, H * D]."""
     if isinstance(meta, DecodeAttention):
         attend = paged_decode_attention if q.is_cuda else paged_decode_attention_reference
         return attend(q, k_cache, v_cache, meta.block_tables, meta.ctx_lens, meta.block_size, scale).flatten(1)
@@ -148,6 +146,7 @@ def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: At
     n, max_ctx = g.kv_index.shape
     max_q = g.q_index.shape[1]
     flat = g.kv_index.view(-1)
+    # index_select: several times faster on CPU than advanced-index gather
     keys = k_cache.index_select(0, flat).view(n, max_ctx, *k_cache.shape[1:]).transpose(1, 2)  # [N, KVH, ctx, D]
     values = v_cache.index_select(0, flat).view(n, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
     queries = q.view(n, max_q, *q.shape[1:]) if g.in_order else q.index_select(0, g.q_index.view(-1)).view(

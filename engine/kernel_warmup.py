@@ -7,8 +7,9 @@ short prefill took a new row-tile height). Like vLLM's start-up dummy runs with 
 launches each delta kernel on small random deltas of the model's own input widths and dtype: the tl.dot kernels
 once per row-tile height and per config the launch table can pick, the decode kernels once per (rows, split)
 variant, every variant at once on the static tiles of covering decode graphs (engine/decode_graphs.py) once per
-decode split where the engine uses them, the dense path's dequantization once, and the paged-attention kernels
-once. Nothing of the engine's state is touched: the synthetic deltas, inputs and outputs are thrown away.
+decode split where the engine uses them, the dense path's dequantization once, the paged-attention kernels
+once, and the layer's own fused ops (residual add + RMSNorm with and without the add and the tenants' norm deltas,
+rotary + KV write, SwiGLU) once each. Nothing of the engine's state is touched: the synthetic deltas, inputs and outputs are thrown away.
 Triton keeps the compiled kernels on disk, so a restart on the same machine loads them in milliseconds.
 """
 from __future__ import annotations
@@ -23,7 +24,10 @@ from deltaserve.kernels.lowrank_expand import expand_triton
 from deltaserve.kernels.lowrank_shrink import shrink_triton
 from deltaserve.kernels.paged_attention import paged_decode_attention
 from deltaserve.kernels.random_slots import random_signs, random_tier
+from deltaserve.kernels.rms_norm import add_rms_norm
+from deltaserve.kernels.rotary_cache import rotary_cache
 from deltaserve.kernels.sign_delta import add_sign_delta_triton
+from deltaserve.kernels.swiglu import silu_mul
 from deltaserve.kernels.tuning import WORK_BUCKETS, block_m_for, covering_variants, decode_variants, warmup_configs
 
 DOT_ROWS = (16, 32, 64)  # rows of one tenant: one tl.dot row tile of each height block_m_for gives
@@ -46,7 +50,7 @@ def warm_up_kernels(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tenso
     for (d_in, d_outs), dtype in shapes.items():
         calls = _calls(d_in, sum(d_outs), dtype, g, covering)
         launches += _lowrank(d_in, d_outs, calls, g) + _sign(d_in, d_outs, calls, g)
-    return launches + _attention(model, kv_cache, block_size, g)
+    return launches + _attention(model, kv_cache, block_size, g) + _layer_ops(model, g)
 
 
 def _parts(d_outs: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -117,3 +121,25 @@ def _attention(model: LlamaModel, kv_cache: tuple[torch.Tensor, torch.Tensor], b
     for splits in (1, 2):
         paged_decode_attention(qk[:, : layer.num_heads], *kv_cache, tables, ctx, block_size, 1.0, num_splits=splits)
     return 3
+
+
+def _layer_ops(model: LlamaModel, g: torch.Generator) -> int:
+    """The fused ops of a decoder layer, on one random row and synthetic caches and norm deltas (a tenant's first
+    norm delta must not compile inside its request)."""
+    layer = model.layers[0]
+    dtype, device = layer.input_layernorm.weight.dtype, g.device
+    hidden, inner = layer.input_layernorm.weight.shape[0], layer.down_proj.weight.shape[1]
+    x = torch.randn(1, hidden, generator=g, device=device).to(dtype)
+    deltas, slots = torch.randn(2, hidden, generator=g, device=device).to(dtype), torch.ones(1, dtype=torch.int32,
+                                                                                              device=device)
+    for residual in (None, x):
+        for delta, slot in ((None, None), (deltas, slots)):
+            add_rms_norm(x, residual, layer.input_layernorm.weight, 1e-6, delta, slot)
+    silu_mul(torch.randn(1, 2 * inner, generator=g, device=device).to(dtype))
+    heads, kv_heads, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=g, device=device).to(dtype)
+    cos_sin = torch.randn(2, 1, d, generator=g, device=device).to(dtype)
+    cache = torch.zeros(2, 1, kv_heads, d, dtype=dtype, device=device)
+    rotary_cache(qkv, cos_sin[0], cos_sin[1], cache[0], cache[1], torch.zeros(1, dtype=torch.int64, device=device),
+                 heads)
+    return 6

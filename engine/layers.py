@@ -8,6 +8,7 @@ from deltaserve.engine.delta_slots import WeightSlots
 from deltaserve.engine.slot_bank import DeltaRows
 from deltaserve.kernels import (LowRankPlan, LowRankProjection, SignPlan, SignProjection, add_lowrank_delta,
                                 add_sign_delta, lowrank_plan_for, sign_plan_for)
+from deltaserve.kernels.rms_norm import add_rms_norm, add_rms_norm_reference
 
 
 def _empty(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.nn.Parameter:
@@ -76,7 +77,7 @@ class DeltaLinear(torch.nn.Module):
 
 
 class DeltaRMSNorm(torch.nn.Module):
-    """RMSNorm whose weight is w + delta_w[slot] per row."""
+    """RMSNorm whose weight is w + delta_w[slot] per row; add_and_norm also adds the residual stream first."""
 
     def __init__(self, slots: WeightSlots, eps: float, device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -85,14 +86,18 @@ class DeltaRMSNorm(torch.nn.Module):
         self.weight = _empty(slots.shape, device, dtype)
 
     def forward(self, x: torch.Tensor, rows: DeltaRows | None) -> torch.Tensor:
-        # One fused op (fp32 inside, one rounding to x's dtype) instead of seven launches; on CPU it gives the same
-        # bits as transformers' x.float() * rsqrt(mean(x^2) + eps) then .to(dtype).
-        x = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
-        weight = self.weight
-        delta = self.slots.row_vectors(rows.gather_slots, rows.base_mask) if rows is not None else None
-        if delta is not None:
-            weight = self.weight + delta        # the merged weight per row, so the product matches a merged model
-        return weight * x
+        return self.add_and_norm(x, None, rows)[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None, rows: DeltaRows | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s) * merged weight of each row, s) with s = x + residual (x when residual is None): one Triton
+        launch on CUDA; the torch ops elsewhere, which on CPU give transformers' bits."""
+        # The per-row deltas only while some slot holds one (a host set: no device read, and part of a captured
+        # graph's layout key).
+        deltas = self.slots.dense if rows is not None and self.slots.torch_slots else None
+        slots = rows.row_slots if deltas is not None else None
+        norm = add_rms_norm if x.is_cuda else add_rms_norm_reference
+        return norm(x, residual, self.weight, self.eps, deltas, slots)
 
 
 class DeltaEmbedding(torch.nn.Module):

@@ -3,14 +3,15 @@ with fused q|k|v and gate|up, paged attention, and each row's tenant delta in ev
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PretrainedConfig
 
 from deltaserve.delta_store.checkpoint import Checkpoint
 from deltaserve.engine.attention import AttentionMetadata, DecodeAttention, paged_attention
 from deltaserve.engine.layers import DeltaEmbedding, DeltaLinear, DeltaRMSNorm
-from deltaserve.engine.rotary import RotaryEmbedding, apply_rotary
+from deltaserve.engine.rotary import RotaryEmbedding
 from deltaserve.engine.slot_bank import DeltaRows, SlotBank
+from deltaserve.kernels.rotary_cache import rotary_cache, rotary_cache_reference
+from deltaserve.kernels.swiglu import silu_mul, silu_mul_reference
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -54,21 +55,20 @@ class DecoderLayer(torch.nn.Module):
         self.input_layernorm = DeltaRMSNorm(w[f"{p}input_layernorm.weight"], eps, device, dtype)
         self.post_attention_layernorm = DeltaRMSNorm(w[f"{p}post_attention_layernorm.weight"], eps, device, dtype)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                v_cache: torch.Tensor, attn: AttentionMetadata | DecodeAttention, rows: DeltaRows | None
-                ) -> torch.Tensor:
-        """rope: the step's (cos, sin) from RotaryEmbedding."""
-        t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x, rows), rows)
-        heads = self.num_heads + self.num_kv_heads
-        # q and k side by side in qkv: one rotation for both (the same elementwise ops as two).
-        qk = apply_rotary(qkv[:, : heads * self.head_dim].view(t, heads, self.head_dim), *rope)
-        v = qkv[:, heads * self.head_dim :].view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(qk[:, : self.num_heads], qk[:, self.num_heads :], v, k_cache, v_cache, attn,
-                              self.head_dim ** -0.5)
-        x = x + self.o_proj(out, rows)
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x, rows), rows).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up, rows)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor],
+                k_cache: torch.Tensor, v_cache: torch.Tensor, attn: AttentionMetadata | DecodeAttention,
+                rows: DeltaRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer on the residual stream kept as (x, residual), their sum the hidden state (residual None: x
+        alone, the first layer), as vLLM does: each add is fused into the norm after it. Returns the new pair.
+        rope: the step's (cos, sin) from RotaryEmbedding."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual, rows)
+        qkv = self.qkv_proj(h, rows)
+        write = rotary_cache if qkv.is_cuda else rotary_cache_reference
+        q = write(qkv, *rope, k_cache, v_cache, attn.slot_mapping, self.num_heads)
+        out = paged_attention(q, k_cache, v_cache, attn, self.head_dim ** -0.5)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.o_proj(out, rows), residual, rows)
+        act = silu_mul if h.is_cuda else silu_mul_reference
+        return self.down_proj(act(self.gate_up_proj(h, rows)), rows), residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -96,9 +96,10 @@ class LlamaModel(torch.nn.Module):
                 attn: AttentionMetadata | DecodeAttention, rows: DeltaRows | None) -> torch.Tensor:
         """Embedded tokens [T, hidden] through every layer (what a decode graph captures)."""
         rope = self.rope(attn.positions)
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, rope, k_cache, v_cache, attn, rows)
-        return x
+            x, residual = layer(x, residual, rope, k_cache, v_cache, attn, rows)
+        return x + residual if residual is not None else x
 
     def use_delta_kernels(self, enabled: bool) -> None:
         """False: every linear takes the PyTorch delta path even on CUDA (the benchmarks' baseline)."""

@@ -59,12 +59,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", angles.sin().to(dtype), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> (cos, sin) [T, 1, head_dim]: looked up once per step, shared by every layer."""
-        return self.cos.index_select(0, positions).unsqueeze(1), self.sin.index_select(0, positions).unsqueeze(1)
+        """positions [T] -> (cos, sin) [T, head_dim]: looked up once per step, shared by every layer (the rotation
+        itself: kernels/rotary_cache.py)."""
+        return self.cos.index_select(0, positions), self.sin.index_select(0, positions)
 
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, head_dim] rotated by the (cos, sin) of RotaryEmbedding(positions)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin

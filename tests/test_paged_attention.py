@@ -110,9 +110,7 @@ def test_reference_matches_engine_attention(gen) -> None:
     q, k_cache, v_cache, tables, ctx = _inputs(ctx_lens, h, kvh, block_size, torch.float32, g)
     lists = [tables[i, :-(-n // block_size)].tolist() for i, n in enumerate(ctx_lens)]
     meta = AttentionMetadata.build([1] * len(ctx_lens), ctx_lens, lists, block_size, torch.device("cpu"))
-    # The step's new K/V are already the cache rows of each last position: writing them back changes nothing.
-    k_new, v_new = k_cache[meta.slot_mapping], v_cache[meta.slot_mapping]
-    engine = paged_attention(q, k_new, v_new, k_cache.clone(), v_cache.clone(), meta, D ** -0.5)
+    engine = paged_attention(q, k_cache, v_cache, meta, D ** -0.5)
     want = paged_decode_attention_reference(q, k_cache, v_cache, tables, ctx, block_size, D ** -0.5)
     torch.testing.assert_close(engine.view_as(q), want, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {seed}: {m}")
 
