@@ -5,7 +5,9 @@ In torch the rotation is a concatenation of the negated halves, two products and
 cache writes two index copies: seven launches a layer of a few KB each, which a decode step spends more time
 launching than moving bytes. Here one program per (token, head) rotates its head; a KV head's program also puts
 the rotated k and the v head into the cache row of the token's slot. Rounding follows the torch ops (each product
-and the sum round to the dtype; see kernels/rms_norm.py on why fp32 arithmetic then one rounding gives those bits).
+and the sum round to the dtype; see kernels/rms_norm.py on why fp32 arithmetic then one rounding gives those bits):
+the interpreter gives torch's bits; compiled, a few elements came out up to an ulp of the products away on the
+H100, fp32 too (likely the compiler fusing a product into the sum, an FMA; tests/test_layer_ops.py).
 
 Layout: rotate-half (GPT-NeoX, as transformers' Llama): element i < D/2 pairs with i + D/2. Caches are
 [num_blocks * block_size, KVH, D]; slot_mapping holds each token's flat cache row.

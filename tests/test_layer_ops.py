@@ -45,10 +45,13 @@ def _interpreted_bf16(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu"
 
 
-def _assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str, seed: int) -> None:
-    """Bit equality, but for interpreted bf16, an ulp at each of up to three roundings."""
-    if _interpreted_bf16(got):
-        torch.testing.assert_close(got, want, rtol=3 * ULP[got.dtype], atol=ULP[got.dtype],
+def _assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str, seed: int, compiled_ulps: int = 0) -> None:
+    """Bit equality, but for interpreted bf16 an ulp at each of up to three roundings, and compiled (CUDA)
+    `compiled_ulps` ulps of the result or of the products before it (inputs of magnitude up to ~4)."""
+    ulps = 3 if _interpreted_bf16(got) else compiled_ulps if got.is_cuda else 0
+    if ulps:
+        atol = ulps * ULP[got.dtype] * (4 if got.is_cuda else 1)
+        torch.testing.assert_close(got, want, rtol=ulps * ULP[got.dtype], atol=atol,
                                    msg=lambda m: f"seed {seed}: {what}: {m}")
     else:
         assert torch.equal(got, want), f"seed {seed}: {what} differs"
@@ -115,9 +118,11 @@ def test_rotary_cache_matches_reference(device: str, dtype: torch.dtype, head_di
     got = rotary_cache(qkv, cos, sin, caches[0], caches[1], slot_mapping, heads, q=q)
     want = rotary_cache_reference(qkv, cos, sin, caches[2], caches[3], slot_mapping, heads)
     assert got is q
-    _assert_same_bits(got, want, "rotated q", seed)
+    # Compiled, the rotation came out up to an ulp of its products from torch's in a few elements on the H100, fp32
+    # too (likely the compiler fusing a product into the sum, an FMA, which the interpreter never does).
+    _assert_same_bits(got, want, "rotated q", seed, compiled_ulps=1)
     for mine, theirs in ((caches[0], caches[2]), (caches[1], caches[3])):
-        _assert_same_bits(mine[slot_mapping], theirs[slot_mapping], "cache rows", seed)
+        _assert_same_bits(mine[slot_mapping], theirs[slot_mapping], "cache rows", seed, compiled_ulps=1)
         untouched = torch.ones(rows, dtype=torch.bool, device=device)
         untouched[slot_mapping] = False
         assert mine[untouched].isnan().all(), f"seed {seed}: a row outside slot_mapping was written"
