@@ -14,7 +14,7 @@ from deltaserve.delta_store.checkpoint import open_checkpoint
 from deltaserve.delta_store.format import DeltaFile
 from deltaserve.engine.block_manager import BlockManager
 from deltaserve.engine.config import EngineConfig, SamplingParams
-from deltaserve.engine.detokenizer import Detokenizer
+from deltaserve.engine.detokenizer import Detokenizer, TextDecoder
 from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import EngineStats, FinishReason, RequestOutput, TokenLogprob, TopLogprob
 from deltaserve.engine.sampler import logprobs, process_logits, sample
@@ -28,6 +28,7 @@ class LLMEngine:
         self.config = config
         checkpoint = open_checkpoint(config.model)
         self.tokenizer = checkpoint.tokenizer()
+        self.decode_text = TextDecoder(self.tokenizer)
         self.base_fingerprint = checkpoint.fingerprint()
         self.base_shapes = checkpoint.shapes()
         self.model_name = checkpoint.path.stem if checkpoint.path.is_file() else checkpoint.path.name
@@ -70,12 +71,12 @@ class LLMEngine:
         if not params.greedy:
             seed = params.seed if params.seed is not None else hash((self.config.seed, next(self._request_count)))
             generator = torch.Generator(device=self.runner.device).manual_seed(seed & (2**63 - 1))
-        detokenizer = Detokenizer(self.tokenizer, prompt_token_ids, params.stop)
+        detokenizer = Detokenizer(self.decode_text, prompt_token_ids, params.stop)
         generation = self.runner.bank.generation[slot] if slot >= 0 else 0
         seq = Sequence(request_id, prompt_token_ids, params, slot, generator, detokenizer, (slot, generation))
         if params.prompt_logprobs is not None:
             first = prompt_token_ids[0]
-            seq.prompt_logprobs = [TokenLogprob(first, self.tokenizer.decode([first]), None)]
+            seq.prompt_logprobs = [TokenLogprob(first, self.decode_text([first]), None)]
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -162,9 +163,9 @@ class LLMEngine:
         if top_n is None:
             return None
         chosen, top_values, top_ids = lp
-        top = [TopLogprob(t, self.tokenizer.decode([t]), v)
+        top = [TopLogprob(t, self.decode_text([t]), v)
                for t, v in zip(top_ids[row][:top_n], top_values[row][:top_n])]
-        return TokenLogprob(token, self.tokenizer.decode([token]), chosen[row], top)
+        return TokenLogprob(token, self.decode_text([token]), chosen[row], top)
 
     def _record(self, seqs: list[Sequence], num_prefill: int) -> None:
         s = self._stats
