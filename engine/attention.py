@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from deltaserve.kernels.paged_attention import paged_decode_attention, paged_decode_attention_reference
-from deltaserve.kernels.tables import upload_lists
+from deltaserve.kernels.tables import upload_array, upload_lists
 
 
 @dataclass(slots=True)
@@ -83,10 +84,19 @@ class DecodeAttention:
         positions = [n - 1 for n in ctx_lens] + [0] * pad
         slot_mapping = [t[(n - 1) // block_size] * block_size + (n - 1) % block_size
                         for n, t in zip(ctx_lens, block_tables)] + [scratch_row] * pad
-        tables = [b for t in block_tables for b in t + [0] * (max_blocks - len(t))] + [0] * (pad * max_blocks)
-        views = upload_lists([positions, slot_mapping], device) + upload_lists([tables, ctx_lens + [0] * pad],
-                                                                                  device, torch.int32)
-        return cls(views[0], views[1], views[2].view(pad_to, max_blocks), views[3], block_size)
+        # The [P, max_blocks] table in numpy, row by row: as one Python list then torch.tensor it cost 2.6 ms of
+        # host time a step at batch 128 with 4k-token contexts (256 blocks a row), time the GPU waits; this way
+        # 0.1 ms (CPU). Then the context lengths, 16-byte aligned (Triton specializes on a pointer's alignment).
+        ctx_at = -(-pad_to * max_blocks // 4) * 4
+        words = np.zeros(ctx_at + pad_to, dtype=np.int32)
+        tables = words[: pad_to * max_blocks].reshape(pad_to, max_blocks)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = table
+        words[ctx_at : ctx_at + len(ctx_lens)] = ctx_lens
+        on_device = upload_array(words, device)
+        views = upload_lists([positions, slot_mapping], device)
+        return cls(views[0], views[1], on_device[: pad_to * max_blocks].view(pad_to, max_blocks),
+                   on_device[ctx_at:], block_size)
 
     def copy_(self, other: DecodeAttention) -> None:
         """Take `other`'s step into these tensors in place (the ones a captured graph reads)."""

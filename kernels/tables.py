@@ -2,6 +2,7 @@
 across steps, and per-step metadata uploaded from host lists without waiting for the device."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _TABLES: dict[tuple, torch.Tensor] = {}
@@ -38,6 +39,13 @@ def upload_packed(parts: list[list[float]], device: torch.device,
     host = torch.tensor(flat, dtype=dtype, pin_memory=cuda)
     packed = host.to(device, non_blocking=True) if cuda else host
     return packed, [view[:len(part)] for view, part in zip(packed.split(sizes), parts)]
+
+
+def upload_array(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` in one copy: on CUDA staged in page-locked memory and non_blocking, as
+    upload_packed (the result starts 16-byte aligned: a fresh tensor)."""
+    host = torch.from_numpy(array)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
 def upload_lists(parts: list[list[float]], device: torch.device,

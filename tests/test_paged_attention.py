@@ -11,7 +11,7 @@ import secrets
 import pytest
 import torch
 
-from deltaserve.engine.attention import AttentionMetadata, paged_attention
+from deltaserve.engine.attention import AttentionMetadata, DecodeAttention, paged_attention
 from deltaserve.kernels.paged_attention import (decode_splits, decode_workspace, paged_decode_attention,
                                                 paged_decode_attention_reference)
 
@@ -192,3 +192,24 @@ def test_masked_sdpa_matches_fp32_math(device: str, heads: int, kv_heads: int, g
     scores = (q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2)) * D ** -0.5
     want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v.float().repeat_interleave(group, 1)
     assert (got - want).abs().max().item() < TOL[dtype], f"seed {seed}"
+
+
+@pytest.mark.parametrize("pad_to, max_blocks", [(5, 3), (8, 7), (16, 33)])
+def test_decode_attention_build(pad_to: int, max_blocks: int, gen) -> None:
+    """DecodeAttention.build: each row's block table zero-padded to max_blocks, padding rows (context 0) writing
+    to the scratch row, and every device view 16-byte aligned (Triton specializes on pointer alignment)."""
+    g, seed = gen
+    block_size, n = 4, pad_to - 2
+    ctx_lens = torch.randint(1, block_size * max_blocks + 1, (n,), generator=g).tolist()
+    tables = [torch.randint(0, 1000, (-(-c // block_size),), generator=g).tolist() for c in ctx_lens]
+    meta = DecodeAttention.build(ctx_lens, tables, block_size, pad_to, max_blocks, 4242, torch.device("cpu"))
+    want_tables = torch.zeros(pad_to, max_blocks, dtype=torch.int32)
+    for row, t in enumerate(tables):
+        want_tables[row, : len(t)] = torch.tensor(t)
+    assert torch.equal(meta.block_tables, want_tables), f"seed {seed}"
+    assert meta.ctx_lens.tolist() == ctx_lens + [0, 0] and meta.ctx_lens.dtype == torch.int32, f"seed {seed}"
+    assert meta.positions.tolist() == [c - 1 for c in ctx_lens] + [0, 0]
+    assert meta.slot_mapping.tolist() == [t[(c - 1) // block_size] * block_size + (c - 1) % block_size
+                                          for c, t in zip(ctx_lens, tables)] + [4242, 4242]
+    for view in (meta.block_tables, meta.ctx_lens, meta.positions, meta.slot_mapping):
+        assert view.data_ptr() % 16 == 0 and view.is_contiguous()
