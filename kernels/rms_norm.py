@@ -70,9 +70,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     t, h = x.shape
     if out is not None and any(o.shape != x.shape or o.dtype != x.dtype or not o.is_contiguous() for o in out):
         raise ValueError(f"out: two contiguous {x.dtype} {tuple(x.shape)} tensors expected")
-    normed, s = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
-    if residual is None:
-        s = x
+    normed = out[0] if out is not None else torch.empty_like(x)
+    s = x if residual is None else out[1] if out is not None else torch.empty_like(x)
     if t:
         block = triton.next_power_of_2(h)
         _add_rms_norm_kernel[(t,)](
