@@ -86,7 +86,8 @@ class DecodeAttention:
                         for n, t in zip(ctx_lens, block_tables)] + [scratch_row] * pad
         # The [P, max_blocks] table in numpy, row by row: as one Python list then torch.tensor it cost 2.6 ms of
         # host time a step at batch 128 with 4k-token contexts (256 blocks a row), time the GPU waits; this way
-        # 0.1 ms (CPU). Then the context lengths, 16-byte aligned (Triton specializes on a pointer's alignment).
+        # 0.16 ms (CPU; bench/results/host_step_costs.md). Then the context lengths, 16-byte aligned as
+        # upload_packed aligns its views (Triton specializes on a pointer's alignment).
         ctx_at = -(-pad_to * max_blocks // 4) * 4
         words = np.zeros(ctx_at + pad_to, dtype=np.int32)
         tables = words[: pad_to * max_blocks].reshape(pad_to, max_blocks)
